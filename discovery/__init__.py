@@ -1,0 +1,1 @@
+"""Discovery layer: Kademlia DHT over meshnode links, signed node descriptors, directory."""

@@ -1,0 +1,165 @@
+"""Cryptographic primitives, behind one module: the only importer of pynacl and `cryptography`.
+
+Ed25519 (identity signatures), X25519 (link and onion keys), keyed BLAKE2b (MACs,
+hashes), XChaCha20-Poly1305 (cookie replies) come from libsodium through pynacl;
+ChaCha20-Poly1305 on the data path comes from `cryptography` (OpenSSL), which is about
+three times faster per 1,300-byte datagram. Nothing here is hand-rolled.
+
+Not here: protocol framing, nonces policy, key storage (see identity.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+import nacl.bindings
+import nacl.encoding
+import nacl.exceptions
+import nacl.hash
+import nacl.public
+import nacl.signing
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+ED25519_PUBLIC_BYTES = 32
+ED25519_SEED_BYTES = 32
+ED25519_SIGNATURE_BYTES = 64
+X25519_KEY_BYTES = 32
+AEAD_KEY_BYTES = 32
+AEAD_TAG_BYTES = 16
+XAEAD_NONCE_BYTES = 24
+MAC_BYTES = 16
+
+__all__ = [
+    "AEAD_TAG_BYTES",
+    "ED25519_PUBLIC_BYTES",
+    "ED25519_SEED_BYTES",
+    "ED25519_SIGNATURE_BYTES",
+    "MAC_BYTES",
+    "X25519_KEY_BYTES",
+    "XAEAD_NONCE_BYTES",
+    "TransportCipher",
+    "constant_time_equal",
+    "ed25519_generate_seed",
+    "ed25519_public_from_seed",
+    "ed25519_sign",
+    "ed25519_verify",
+    "hash_bytes",
+    "mac",
+    "random_bytes",
+    "x25519_generate_private",
+    "x25519_public_from_private",
+    "xaead_open",
+    "xaead_seal",
+]
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from the operating system's CSPRNG."""
+    return os.urandom(n)
+
+
+# --- Ed25519 ---------------------------------------------------------------------------
+
+
+def ed25519_generate_seed() -> bytes:
+    """A fresh 32-byte Ed25519 seed (the private key)."""
+    return random_bytes(ED25519_SEED_BYTES)
+
+
+def ed25519_public_from_seed(seed: bytes) -> bytes:
+    """The 32-byte public key for ``seed``."""
+    return bytes(nacl.signing.SigningKey(seed).verify_key)
+
+
+def ed25519_sign(seed: bytes, message: bytes) -> bytes:
+    """A 64-byte detached signature of ``message``."""
+    return nacl.signing.SigningKey(seed).sign(message).signature
+
+
+def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True when ``signature`` is valid for ``message`` under ``public_key``; never raises."""
+    if len(public_key) != ED25519_PUBLIC_BYTES or len(signature) != ED25519_SIGNATURE_BYTES:
+        return False
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+# --- X25519 ----------------------------------------------------------------------------
+
+
+def x25519_generate_private() -> bytes:
+    """A fresh 32-byte X25519 private key."""
+    return bytes(nacl.public.PrivateKey.generate())
+
+
+def x25519_public_from_private(private_key: bytes) -> bytes:
+    """The 32-byte X25519 public key for ``private_key``."""
+    return nacl.bindings.crypto_scalarmult_base(private_key)
+
+
+# --- Hashing and MACs ------------------------------------------------------------------
+
+
+def hash_bytes(data: bytes, *, size: int = 32, person: bytes = b"") -> bytes:
+    """BLAKE2b of ``data`` with ``size`` bytes of output and an optional 16-byte personalisation."""
+    return nacl.hash.blake2b(
+        data, digest_size=size, person=person.ljust(16, b"\0") if person else b"",
+        encoder=nacl.encoding.RawEncoder,
+    )
+
+
+def mac(key: bytes, data: bytes, *, size: int = MAC_BYTES) -> bytes:
+    """Keyed BLAKE2b (a MAC) of ``data``; ``key`` is 16 to 64 bytes."""
+    return nacl.hash.blake2b(data, digest_size=size, key=key, encoder=nacl.encoding.RawEncoder)
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    """Compare two byte strings in time independent of where they differ."""
+    return hmac.compare_digest(a, b)
+
+
+# --- AEAD ------------------------------------------------------------------------------
+
+
+def xaead_seal(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """XChaCha20-Poly1305 seal (24-byte random nonce; used for cookie replies)."""
+    return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key)
+
+
+def xaead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes | None:
+    """XChaCha20-Poly1305 open; None when the tag does not verify."""
+    try:
+        return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
+    except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, ValueError, TypeError):
+        return None
+
+
+_NONCE_PREFIX = b"\0\0\0\0"
+
+
+class TransportCipher:
+    """ChaCha20-Poly1305 under one key with Noise's nonce layout: 4 zero bytes + LE64 counter.
+
+    The counter is explicit (carried in each datagram), so datagrams may arrive lost or
+    reordered; the caller guarantees a counter is never used twice under one key.
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+
+    def seal(self, counter: int, plaintext: bytes, aad: bytes) -> bytes:
+        return self._aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), plaintext, aad)
+
+    def open(self, counter: int, ciphertext: bytes, aad: bytes) -> bytes | None:
+        """The plaintext, or None when the tag does not verify."""
+        try:
+            return self._aead.decrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), ciphertext, aad)
+        except InvalidTag:
+            return None

@@ -1,0 +1,1 @@
+"""Routing layer: cells, onion layers, circuits, path selection, health."""
