@@ -1,0 +1,673 @@
+"""LinkEndpoint: the sans-IO link layer for one node — Noise IK sessions over datagrams.
+
+Three inputs (user calls, received datagrams, timer expiry) and three outputs
+(datagrams to send, one deadline, events), like aioquic's ``QuicConnection``:
+
+- ``connect(static_key, addr, now)``, ``send(static_key, kind, payload, now)``,
+  ``ping(static_key, now)``, ``close(static_key)``, ``register_kind(kind)``;
+- ``receive_datagram(data, addr, now)``;
+- ``handle_timer(now)`` when ``get_timer()`` is due;
+- then ``datagrams_to_send()`` and ``next_event()``.
+
+Receive pipeline for a transport datagram (WireGuard's order, receive.go): length →
+receiver index → key age → replay *check* → AEAD open → replay *update* → promote a
+``next`` keypair → roam → deliver. Only authenticated datagrams change state; anything
+else is dropped and counted in :attr:`LinkEndpoint.stats` under ``drop.<reason>``.
+
+Handshake flood protection (WireGuard §5.4.7): an initiation without a valid mac1 (it
+proves the sender knows our static key) is dropped before any DH. When initiations
+arrive faster than ``handshake_rate_per_s`` we are *under load*: an initiation must then
+carry a valid mac2 (a cookie bound to its source address, obtained from a cookie reply
+that costs us one MAC and no DH), and each source address is rate-limited.
+
+Not here: sockets, the clock, asyncio (udp.py); what frames mean (the layers above).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable
+
+from meshnode import crypto
+from meshnode.errors import DecodeError, HandshakeError, LocalProtocolError
+from meshnode.identity import Identity, node_id_for, verify_link_binding
+from meshnode.link import constants as C
+from meshnode.link import messages as M
+from meshnode.link.config import LinkConfig
+from meshnode.link.cookie import CookieChecker, CookieGenerator, parse_cookie_reply_index
+from meshnode.link.events import (
+    Addr,
+    FrameReceived,
+    LinkEvent,
+    PeerRoamed,
+    PeerUnreachable,
+    PongReceived,
+    SessionClosed,
+    SessionEstablished,
+)
+from meshnode.link.noise import InitiatorHandshake, ResponderHandshake
+from meshnode.link.ratelimit import KeyedRateLimiter, LoadDetector
+from meshnode.link.session import Keypair, PendingHandshake, Peer
+
+# A peer may not make us answer initiations more often than this (WireGuard's
+# HandshakeInitationRate): each one costs us four DH operations.
+MIN_INITIATION_INTERVAL_S = 0.05
+MAX_OUTSTANDING_PINGS = 64
+_HEADER_BYTES = C.TRANSPORT_HEADER_BYTES
+_TRANSPORT_TYPE = bytes((C.MSG_TRANSPORT,))
+
+
+class LinkEndpoint:
+    """All link sessions of one node. Not thread-safe; call from one task."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        now: float,
+        wallclock_ns: Callable[[], int],
+        config: LinkConfig | None = None,
+        random_bytes: Callable[[int], bytes] = crypto.random_bytes,
+    ) -> None:
+        self.identity = identity
+        self.config = config or LinkConfig()
+        self._random = random_bytes
+        self._wallclock_ns = wallclock_ns
+        self._last_timestamp = 0
+        self._cookie_checker = CookieChecker(identity.link_public, random_bytes)
+        self._load = LoadDetector(
+            rate_per_s=self.config.handshake_rate_per_s,
+            burst=self.config.handshake_burst,
+            now=now,
+        )
+        self._per_ip = KeyedRateLimiter(
+            rate_per_s=self.config.per_ip_handshake_rate_per_s,
+            burst=self.config.per_ip_handshake_burst,
+        )
+        self._peers: dict[bytes, Peer] = {}
+        self._keypairs: dict[int, Keypair] = {}
+        self._pending: dict[int, Peer] = {}
+        self._kinds: set[int] = set()
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: deque[LinkEvent] = deque()
+        self._deadline: float | None = None
+        self._ping_seq = 0
+        self.stats: Counter[str] = Counter()
+        """Counters: ``rx.*``/``tx.*`` traffic, ``drop.<reason>``, ``handshake.*``, ``session.*``."""
+
+    # --- user calls ---------------------------------------------------------------------
+
+    def register_kind(self, kind: int) -> None:
+        """Accept frames of ``kind`` (1..255, not a reserved link kind); others are dropped."""
+        if not 0 < kind < 256 or kind in C.RESERVED_KINDS:
+            raise LocalProtocolError(f"frame kind {kind} is reserved or out of range")
+        self._kinds.add(kind)
+
+    def connect(self, static_key: bytes, addr: Addr, now: float) -> None:
+        """Know ``static_key`` at ``addr`` and start a handshake unless a session exists."""
+        if len(static_key) != C.KEY_BYTES:
+            raise LocalProtocolError("static key must be 32 bytes")
+        if static_key == self.identity.link_public:
+            raise LocalProtocolError("cannot connect to ourselves")
+        peer = self._peers.get(static_key)
+        if peer is None:
+            peer = self._add_peer(static_key, addr, now)
+        elif peer.current is None:
+            peer.addr = addr
+        if self._usable(peer.current, now) is None and peer.handshake is None:
+            self._initiate(peer, now)
+
+    def send(self, static_key: bytes, kind: int, payload: bytes, now: float) -> None:
+        """Send one frame to a peer known through :meth:`connect` or an inbound handshake.
+
+        Without a session the frame waits (at most ``max_queued_per_peer``) while a
+        handshake runs; :class:`PeerUnreachable` reports frames that never left.
+        """
+        if kind not in self._kinds:
+            raise LocalProtocolError(f"frame kind {kind} is not registered")
+        self._send_frame(static_key, bytes((kind,)) + payload, now)
+
+    def ping(self, static_key: bytes, now: float) -> int:
+        """Send a link-level ping; a :class:`PongReceived` with the returned ``seq`` answers it."""
+        self._ping_seq += 1
+        seq = self._ping_seq
+        peer = self._peers.get(static_key)
+        if peer is not None:
+            if len(peer.pings) >= MAX_OUTSTANDING_PINGS:
+                del peer.pings[next(iter(peer.pings))]
+            peer.pings[seq] = now
+        self._send_frame(static_key, bytes((C.KIND_PING,)) + seq.to_bytes(8, "big"), now)
+        return seq
+
+    def close(self, static_key: bytes) -> None:
+        """Forget a peer: its keys, pending handshake and queued frames."""
+        peer = self._peers.get(static_key)
+        if peer is not None:
+            self._remove_peer(peer)
+
+    def has_session(self, static_key: bytes, now: float) -> bool:
+        peer = self._peers.get(static_key)
+        return peer is not None and self._usable(peer.current, now) is not None
+
+    def peer_info(self, static_key: bytes) -> Peer | None:
+        """The peer record (read-only use), or None."""
+        return self._peers.get(static_key)
+
+    @property
+    def peer_count(self) -> int:
+        return len(self._peers)
+
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._pending)
+
+    # --- outputs ------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Datagrams produced since the last call, with their destinations."""
+        out = self._out
+        self._out = []
+        return out
+
+    def next_event(self) -> LinkEvent | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """The time at which :meth:`handle_timer` should next run, or None."""
+        return self._deadline
+
+    # --- network input ------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Process one datagram from ``addr``. Never raises for anything the network sends."""
+        stats = self.stats
+        stats["rx.datagrams"] += 1
+        size = len(data)
+        if size == 0 or size > C.MAX_DATAGRAM_BYTES:
+            stats["drop.bad_length"] += 1
+            return
+        msg_type = data[0]
+        if msg_type == C.MSG_TRANSPORT:
+            self._receive_transport(data, addr, now)
+        elif msg_type == C.MSG_INITIATION:
+            self._receive_initiation(data, addr, now)
+        elif msg_type == C.MSG_RESPONSE:
+            self._receive_response(data, addr, now)
+        elif msg_type == C.MSG_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now)
+        else:
+            stats["drop.unknown_type"] += 1
+
+    def _receive_transport(self, data: bytes, addr: Addr, now: float) -> None:
+        stats = self.stats
+        if len(data) < C.TRANSPORT_MIN_BYTES:
+            stats["drop.bad_length"] += 1
+            return
+        kp = self._keypairs.get(int.from_bytes(data[1:5], "big"))
+        if kp is None:
+            stats["drop.unknown_index"] += 1
+            return
+        if now - kp.created >= self.config.reject_after_s:
+            stats["drop.expired_keys"] += 1
+            return
+        counter = int.from_bytes(data[5:13], "big")
+        if not kp.replay.check(counter):
+            stats["drop.replay"] += 1
+            return
+        plaintext = kp.receiver.open(counter, data[_HEADER_BYTES:], data[:_HEADER_BYTES])
+        if plaintext is None:
+            stats["drop.bad_tag"] += 1
+            return
+        if not kp.replay.update(counter):
+            stats["drop.replay"] += 1
+            return
+        peer = kp.peer
+        stats["rx.transport"] += 1
+        peer.last_received = now
+        peer.awaiting_reply_since = None
+        if kp is peer.next:
+            self._promote_next(peer, now)
+        if addr != peer.addr:
+            self._events.append(PeerRoamed(peer=peer.static_key, old_addr=peer.addr, new_addr=addr))
+            stats["session.roamed"] += 1
+            peer.addr = addr
+        if not plaintext:
+            stats["rx.keepalive"] += 1
+            return
+        peer.last_data_received = now
+        peer.owes_keepalive = True
+        self._schedule(now + self.config.keepalive_s)
+        kind = plaintext[0]
+        if kind in self._kinds:
+            node_id = peer.node_id
+            if node_id is None:  # pragma: no cover - every keypair comes from a verified handshake
+                stats["drop.no_identity"] += 1
+                return
+            self._events.append(
+                FrameReceived(
+                    peer=peer.static_key, node_id=node_id, kind=kind,
+                    payload=plaintext[1:], addr=addr,
+                )
+            )
+        elif kind == C.KIND_PING:
+            if len(plaintext) != 9:
+                stats["drop.bad_ping"] += 1
+                return
+            stats["rx.ping"] += 1
+            self._send_frame(peer.static_key, bytes((C.KIND_PONG,)) + plaintext[1:], now)
+        elif kind == C.KIND_PONG:
+            sent = peer.pings.pop(int.from_bytes(plaintext[1:9], "big"), None)
+            if sent is None or len(plaintext) != 9:
+                stats["drop.unexpected_pong"] += 1
+                return
+            self._events.append(
+                PongReceived(
+                    peer=peer.static_key, seq=int.from_bytes(plaintext[1:9], "big"), rtt=now - sent
+                )
+            )
+        else:
+            stats["drop.unknown_kind"] += 1
+
+    def _receive_initiation(self, data: bytes, addr: Addr, now: float) -> None:
+        stats = self.stats
+        if len(data) != C.INITIATION_BYTES:
+            stats["drop.bad_length"] += 1
+            return
+        if not self._cookie_checker.check_mac1(data):
+            stats["drop.bad_mac1"] += 1
+            return
+        if self._load.record_and_check(now):
+            if not self._cookie_checker.check_mac2(data, addr, now):
+                stats["handshake.cookie_sent"] += 1
+                sender = int.from_bytes(data[1:5], "big")
+                self._out.append(
+                    (self._cookie_checker.create_reply(data, sender, addr, now), addr)
+                )
+                return
+            if not self._per_ip.allow(addr[0], now):
+                stats["drop.rate_limited"] += 1
+                return
+        try:
+            msg = M.decode_initiation(data)
+            noise = ResponderHandshake(local_static_private=self.identity.link_private)
+            remote_static, raw_payload = noise.read_initiation(msg.noise)
+            payload = M.InitiationPayload.decode(raw_payload)
+        except (DecodeError, HandshakeError):
+            stats["drop.bad_handshake"] += 1
+            return
+        if remote_static == self.identity.link_public:
+            stats["drop.bad_handshake"] += 1
+            return
+        if not verify_link_binding(payload.identity_key, remote_static, payload.link_signature):
+            stats["drop.bad_identity"] += 1
+            return
+        peer = self._peers.get(remote_static)
+        if peer is not None:
+            if payload.timestamp_ns <= peer.last_initiation_ts:
+                stats["drop.replayed_initiation"] += 1
+                return
+            if now - peer.last_initiation_at < MIN_INITIATION_INTERVAL_S:
+                stats["drop.initiation_flood"] += 1
+                return
+        else:
+            peer = self._add_peer(remote_static, addr, now)
+        peer.last_initiation_ts = payload.timestamp_ns
+        peer.last_initiation_at = now
+        self._set_identity(peer, payload.identity_key)
+        local_index = self._new_index()
+        reply = M.ResponsePayload(
+            identity_key=self.identity.identity_public,
+            link_signature=self.identity.link_signature,
+        )
+        noise_msg, keys = noise.write_response(reply.encode())
+        body = M.encode_response_body(local_index, msg.sender_index, noise_msg)
+        kp = Keypair(
+            peer=peer, send_key=keys.send_key, recv_key=keys.recv_key,
+            local_index=local_index, remote_index=msg.sender_index,
+            is_initiator=False, created=now,
+        )
+        if peer.next is not None:
+            self._keypairs.pop(peer.next.local_index, None)
+        peer.next = kp
+        self._keypairs[local_index] = kp
+        peer.addr = addr
+        peer.last_received = now
+        stats["handshake.responded"] += 1
+        self._transmit(peer, peer.cookies.add_macs(body, now), now)
+        self._schedule(now + self.config.reject_after_s)
+
+    def _receive_response(self, data: bytes, addr: Addr, now: float) -> None:
+        stats = self.stats
+        if len(data) != C.RESPONSE_BYTES:
+            stats["drop.bad_length"] += 1
+            return
+        try:
+            msg = M.decode_response(data)
+        except DecodeError:
+            stats["drop.bad_handshake"] += 1
+            return
+        peer = self._pending.get(msg.receiver_index)
+        if peer is None or peer.handshake is None:
+            stats["drop.unknown_index"] += 1
+            return
+        if not self._cookie_checker.check_mac1(data):
+            stats["drop.bad_mac1"] += 1
+            return
+        pending = peer.handshake
+        # The Noise state is spent by any read attempt, so a forged response ends this
+        # attempt; the retry timer sends a fresh initiation.
+        self._pending.pop(pending.local_index, None)
+        peer.handshake = None
+        try:
+            raw_payload, keys = pending.noise.read_response(msg.noise)
+            payload = M.ResponsePayload.decode(raw_payload)
+        except (DecodeError, HandshakeError):
+            stats["drop.bad_handshake"] += 1
+            return
+        if not verify_link_binding(payload.identity_key, peer.static_key, payload.link_signature):
+            stats["drop.bad_identity"] += 1
+            return
+        self._set_identity(peer, payload.identity_key)
+        kp = Keypair(
+            peer=peer, send_key=keys.send_key, recv_key=keys.recv_key,
+            local_index=pending.local_index, remote_index=msg.sender_index,
+            is_initiator=True, created=now,
+        )
+        rekey = peer.current is not None
+        self._retire(peer.previous)
+        self._retire(peer.next)
+        peer.previous, peer.current, peer.next = peer.current, kp, None
+        self._keypairs[kp.local_index] = kp
+        peer.attempt_started = None
+        peer.addr = addr
+        peer.last_received = now
+        peer.awaiting_reply_since = None
+        stats["handshake.completed"] += 1
+        self._established(peer, now, initiator=True, rekey=rekey, rtt=now - pending.sent_at)
+        if peer.queue:
+            self._flush_queue(peer, now)
+        else:
+            # Confirms the session to the responder, which holds it as `next` until then.
+            self._seal(peer, kp, b"", now)
+        self._schedule(now + self.config.reject_after_s)
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        index = parse_cookie_reply_index(data)
+        peer = self._pending.get(index) if index is not None else None
+        if peer is None:
+            self.stats["drop.unknown_index"] += 1
+            return
+        if peer.cookies.consume_reply(data, now):
+            self.stats["handshake.cookie_received"] += 1
+        else:
+            self.stats["drop.bad_cookie"] += 1
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Run every rule that is due: retries, give-ups, keepalives, rekeys, expiry."""
+        cfg = self.config
+        deadline: float | None = None
+        for peer in list(self._peers.values()):
+            nxt = self._peer_timers(peer, now, cfg)
+            if nxt is not None and (deadline is None or nxt < deadline):
+                deadline = nxt
+        self._deadline = deadline
+
+    def _peer_timers(self, peer: Peer, now: float, cfg: LinkConfig) -> float | None:
+        """Apply one peer's due rules; return its next deadline (None: nothing scheduled)."""
+        # Handshake retries and giving up.
+        if peer.attempt_started is not None and now >= peer.next_retry:
+            if now - peer.attempt_started >= cfg.handshake_timeout_s:
+                self._give_up(peer, now)
+                if peer.static_key not in self._peers:
+                    return None
+            else:
+                self.stats["handshake.retried"] += 1
+                self._initiate(peer, now)
+        # Key expiry.
+        for slot in ("previous", "next", "current"):
+            kp: Keypair | None = getattr(peer, slot)
+            if kp is not None and now - kp.created >= cfg.reject_after_s:
+                self._retire(kp)
+                setattr(peer, slot, None)
+                if slot == "current":
+                    self.stats["session.expired"] += 1
+        if peer.current is not None and now - peer.last_received >= cfg.idle_timeout_s:
+            self._events.append(SessionClosed(peer=peer.static_key, reason="idle"))
+            self.stats["session.idle_closed"] += 1
+            self._remove_peer(peer)
+            return None
+        if peer.current is None and peer.next is None and peer.attempt_started is None:
+            if peer.node_id is not None:
+                self._events.append(SessionClosed(peer=peer.static_key, reason="keys expired"))
+            self._remove_peer(peer)
+            return None
+        current = peer.current
+        if current is not None:
+            # Passive keepalive: they sent us data and we have said nothing since.
+            if peer.owes_keepalive and now - peer.last_data_received >= cfg.keepalive_s:
+                self._seal(peer, current, b"", now)
+                self.stats["tx.keepalive"] += 1
+            if cfg.persistent_keepalive_s and now - peer.last_sent >= cfg.persistent_keepalive_s:
+                self._seal(peer, current, b"", now)
+                self.stats["tx.keepalive"] += 1
+            # Dead peer: we sent data and heard nothing back for keepalive + rekey timeout.
+            if (
+                peer.awaiting_reply_since is not None
+                and now - peer.awaiting_reply_since >= cfg.keepalive_s + C.REKEY_TIMEOUT_S
+                and peer.attempt_started is None
+            ):
+                peer.awaiting_reply_since = None
+                self.stats["handshake.dead_peer"] += 1
+                self._initiate(peer, now)
+        return self._peer_deadline(peer, cfg)
+
+    def _peer_deadline(self, peer: Peer, cfg: LinkConfig) -> float | None:
+        times: list[float] = []
+        if peer.attempt_started is not None:
+            times.append(peer.next_retry)
+        for kp in peer.keypairs():
+            times.append(kp.created + cfg.reject_after_s)
+        if peer.current is not None:
+            times.append(peer.last_received + cfg.idle_timeout_s)
+            if peer.owes_keepalive:
+                times.append(peer.last_data_received + cfg.keepalive_s)
+            if cfg.persistent_keepalive_s:
+                times.append(peer.last_sent + cfg.persistent_keepalive_s)
+            if peer.awaiting_reply_since is not None:
+                times.append(peer.awaiting_reply_since + cfg.keepalive_s + C.REKEY_TIMEOUT_S)
+        return min(times) if times else None
+
+    def _schedule(self, when: float) -> None:
+        if self._deadline is None or when < self._deadline:
+            self._deadline = when
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _usable(self, kp: Keypair | None, now: float) -> Keypair | None:
+        if kp is None:
+            return None
+        if now - kp.created >= self.config.reject_after_s:
+            return None
+        if kp.send_counter >= C.REJECT_AFTER_MESSAGES:
+            return None
+        return kp
+
+    def _send_frame(self, static_key: bytes, frame: bytes, now: float) -> None:
+        peer = self._peers.get(static_key)
+        if peer is None:
+            raise LocalProtocolError("unknown peer: call connect() first")
+        if len(frame) - 1 > C.MAX_PAYLOAD_BYTES:
+            raise LocalProtocolError(f"payload larger than {C.MAX_PAYLOAD_BYTES} bytes")
+        kp = self._usable(peer.current, now)
+        if kp is None:
+            if len(peer.queue) >= self.config.max_queued_per_peer:
+                peer.queue.popleft()
+                self.stats["drop.queue_full"] += 1
+            peer.queue.append(frame)
+            if peer.attempt_started is None:
+                self._initiate(peer, now)
+            return
+        self._seal(peer, kp, frame, now)
+        if peer.awaiting_reply_since is None:
+            peer.awaiting_reply_since = now
+            self._schedule(now + self.config.keepalive_s + C.REKEY_TIMEOUT_S)
+        if peer.attempt_started is None and self._wants_rekey(kp, now):
+            self.stats["handshake.rekey"] += 1
+            self._initiate(peer, now)
+
+    def _wants_rekey(self, kp: Keypair, now: float) -> bool:
+        cfg = self.config
+        if kp.send_counter >= cfg.rekey_after_messages:
+            return True
+        age = now - kp.created
+        if kp.is_initiator:
+            return age >= cfg.rekey_after_s
+        # The responder rekeys later so both sides do not start at once.
+        return age >= cfg.rekey_after_s + (cfg.reject_after_s - cfg.rekey_after_s) / 2
+
+    def _seal(self, peer: Peer, kp: Keypair, plaintext: bytes, now: float) -> None:
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        header = (
+            _TRANSPORT_TYPE + kp.remote_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
+        )
+        self._out.append((header + kp.sender.seal(counter, plaintext, header), peer.addr))
+        peer.last_sent = now
+        peer.owes_keepalive = False
+        self.stats["tx.transport"] += 1
+
+    def _transmit(self, peer: Peer, datagram: bytes, now: float) -> None:
+        self._out.append((datagram, peer.addr))
+        peer.last_sent = now
+        peer.owes_keepalive = False
+
+    def _flush_queue(self, peer: Peer, now: float) -> None:
+        kp = peer.current
+        while peer.queue and kp is not None:
+            self._seal(peer, kp, peer.queue.popleft(), now)
+        if peer.awaiting_reply_since is None:
+            peer.awaiting_reply_since = now
+
+    def _timestamp(self) -> int:
+        ts = max(self._wallclock_ns(), self._last_timestamp + 1)
+        self._last_timestamp = ts
+        return ts
+
+    def _initiate(self, peer: Peer, now: float) -> None:
+        cfg = self.config
+        if peer.handshake is not None:
+            self._pending.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+        elif len(self._pending) >= cfg.max_pending_handshakes:
+            self.stats["drop.too_many_pending"] += 1
+            if peer.attempt_started is None:
+                peer.attempt_started = now
+                peer.retry_delay = cfg.handshake_retry_initial_s
+            peer.next_retry = now + peer.retry_delay
+            self._schedule(peer.next_retry)
+            return
+        noise = InitiatorHandshake(
+            local_static_private=self.identity.link_private,
+            remote_static_public=peer.static_key,
+        )
+        payload = M.InitiationPayload(
+            timestamp_ns=self._timestamp(),
+            identity_key=self.identity.identity_public,
+            link_signature=self.identity.link_signature,
+        )
+        local_index = self._new_index()
+        body = M.encode_initiation_body(local_index, noise.write_initiation(payload.encode()))
+        peer.handshake = PendingHandshake(noise=noise, local_index=local_index, sent_at=now)
+        self._pending[local_index] = peer
+        if peer.attempt_started is None:
+            peer.attempt_started = now
+            peer.retry_delay = cfg.handshake_retry_initial_s
+        jitter = int.from_bytes(self._random(2), "big") / 65536 * peer.retry_delay / 3
+        peer.next_retry = now + peer.retry_delay + jitter
+        peer.retry_delay = min(peer.retry_delay * 2, cfg.handshake_retry_max_s)
+        self.stats["handshake.initiated"] += 1
+        self._transmit(peer, peer.cookies.add_macs(body, now), now)
+        self._schedule(peer.next_retry)
+
+    def _give_up(self, peer: Peer, now: float) -> None:
+        if peer.handshake is not None:
+            self._pending.pop(peer.handshake.local_index, None)
+            peer.handshake = None
+        peer.attempt_started = None
+        dropped = len(peer.queue)
+        peer.queue.clear()
+        self.stats["handshake.timed_out"] += 1
+        self.stats["drop.unreachable_queue"] += dropped
+        self._events.append(
+            PeerUnreachable(
+                peer=peer.static_key, addr=peer.addr, dropped_frames=dropped,
+                reason=f"no handshake response after {self.config.handshake_timeout_s:g}s",
+            )
+        )
+        if peer.current is None and peer.next is None:
+            self._remove_peer(peer)
+
+    def _promote_next(self, peer: Peer, now: float) -> None:
+        kp = peer.next
+        if kp is None:  # pragma: no cover - caller checked
+            return
+        rekey = peer.current is not None
+        self._retire(peer.previous)
+        peer.previous, peer.current, peer.next = peer.current, kp, None
+        self.stats["handshake.completed"] += 1
+        self._established(peer, now, initiator=False, rekey=rekey, rtt=None)
+        if peer.handshake is None:
+            peer.attempt_started = None
+        if peer.queue:
+            self._flush_queue(peer, now)
+
+    def _established(
+        self, peer: Peer, now: float, *, initiator: bool, rekey: bool, rtt: float | None
+    ) -> None:
+        cfg = self.config
+        first = min(cfg.idle_timeout_s, cfg.reject_after_s)
+        if cfg.persistent_keepalive_s:
+            first = min(first, cfg.persistent_keepalive_s)
+        self._schedule(now + first)
+        if peer.node_id is None or peer.identity_key is None:  # pragma: no cover
+            return
+        self._events.append(
+            SessionEstablished(
+                peer=peer.static_key, node_id=peer.node_id, identity_key=peer.identity_key,
+                addr=peer.addr, initiator=initiator, rekey=rekey, handshake_rtt=rtt,
+            )
+        )
+
+    def _set_identity(self, peer: Peer, identity_key: bytes) -> None:
+        if peer.identity_key != identity_key:
+            peer.identity_key = identity_key
+            peer.node_id = node_id_for(identity_key)
+
+    def _retire(self, kp: Keypair | None) -> None:
+        if kp is not None:
+            self._keypairs.pop(kp.local_index, None)
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(self._random(4), "big")
+            if index and index not in self._keypairs and index not in self._pending:
+                return index
+
+    def _add_peer(self, static_key: bytes, addr: Addr, now: float) -> Peer:
+        if len(self._peers) >= self.config.max_peers:
+            victim = min(self._peers.values(), key=lambda p: p.last_active)
+            self.stats["session.evicted"] += 1
+            self._events.append(SessionClosed(peer=victim.static_key, reason="evicted"))
+            self._remove_peer(victim)
+        peer = Peer(static_key=static_key, addr=addr, cookies=CookieGenerator(static_key))
+        self._peers[static_key] = peer
+        return peer
+
+    def _remove_peer(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._retire(kp)
+        if peer.handshake is not None:
+            self._pending.pop(peer.handshake.local_index, None)
+        self._peers.pop(peer.static_key, None)

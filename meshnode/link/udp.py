@@ -1,0 +1,309 @@
+"""LinkService: the asyncio driver for :class:`LinkEndpoint` — one UDP socket, one timer.
+
+A boring driver in aioquic's shape: ``datagram_received`` feeds the endpoint, then
+``_pump`` sends what it produced, dispatches its events and re-arms one timer. No
+protocol decisions live here. IPv4 and IPv6 share one socket when listening on ``::``
+(dual stack); addresses are normalised to ``(host, port)`` with IPv4-mapped IPv6 turned
+back into plain IPv4.
+
+Not here: what frames mean (callers register handlers per kind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from meshnode.errors import MeshError
+from meshnode.identity import Identity, b32encode
+from meshnode.link import constants as C
+from meshnode.link.config import LinkConfig
+from meshnode.link.endpoint import LinkEndpoint
+from meshnode.link.events import (
+    Addr,
+    FrameReceived,
+    LinkEvent,
+    PeerUnreachable,
+    PongReceived,
+    SessionEstablished,
+)
+
+log = structlog.get_logger("meshnode.link")
+
+RECV_BUFFER_BYTES = 4 * 1024 * 1024
+SEND_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class LinkUnreachableError(MeshError):
+    """A peer did not answer handshakes in time (down, wrong key, or filtered)."""
+
+
+class LinkService(asyncio.DatagramProtocol):
+    """Owns the socket and timer of one :class:`LinkEndpoint`. Create with :meth:`open`."""
+
+    def __init__(self, endpoint: LinkEndpoint, loop: asyncio.AbstractEventLoop) -> None:
+        self.endpoint = endpoint
+        self._loop = loop
+        self._transport: asyncio.DatagramTransport | None = None
+        self._family = socket.AF_INET
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._handlers: dict[int, Callable[[FrameReceived], None]] = {}
+        self._listeners: list[Callable[[LinkEvent], None]] = []
+        self._session_waiters: dict[bytes, list[asyncio.Future[SessionEstablished]]] = {}
+        self._pong_waiters: dict[int, asyncio.Future[float]] = {}
+        self._closed = False
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        identity: Identity,
+        listen: Addr,
+        *,
+        config: LinkConfig | None = None,
+    ) -> LinkService:
+        """Bind ``listen`` (``("::", port)`` for dual stack) and start serving."""
+        loop = asyncio.get_running_loop()
+        endpoint = LinkEndpoint(
+            identity=identity, now=loop.time(), wallclock_ns=time.time_ns, config=config
+        )
+        service = cls(endpoint, loop)
+        sock = _bind(listen)
+        service._family = sock.family
+        transport, _ = await loop.create_datagram_endpoint(lambda: service, sock=sock)
+        # asyncio asks recvfrom for 256 KiB by default; glibc then mmaps per call. One
+        # byte over our maximum is enough to notice (and drop) anything oversized.
+        transport.max_size = C.MAX_DATAGRAM_BYTES + 1  # type: ignore[attr-defined]
+        return service
+
+    @property
+    def local_addr(self) -> Addr:
+        if self._transport is None:
+            raise MeshError("link service is not open")
+        name = self._transport.get_extra_info("sockname")
+        return _normalise(name)
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.endpoint.receive_datagram(data, _normalise(addr), self._loop.time())
+        self._pump()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier sends (port unreachable, ...): counted, never fatal.
+        self.endpoint.stats["error.socket"] += 1
+        log.debug("link.socket_error", error=str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+
+    # --- user API ---------------------------------------------------------------------------
+
+    def register(self, kind: int, handler: Callable[[FrameReceived], None]) -> None:
+        """Deliver frames of ``kind`` to ``handler`` (called on the event loop)."""
+        self.endpoint.register_kind(kind)
+        self._handlers[kind] = handler
+
+    def add_listener(self, listener: Callable[[LinkEvent], None]) -> None:
+        """Call ``listener`` with every link event (sessions, roaming, unreachable...)."""
+        self._listeners.append(listener)
+
+    async def resolve(self, host: str, port: int) -> Addr:
+        """Resolve a name to an address this socket can reach."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            pass
+        else:
+            return (host, port)
+        family = socket.AF_UNSPEC if self._family == socket.AF_INET6 else socket.AF_INET
+        try:
+            infos = await self._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise LinkUnreachableError(f"cannot resolve {host!r}: {exc}") from None
+        if not infos:
+            raise LinkUnreachableError(f"cannot resolve {host!r}")
+        return _normalise(infos[0][4])
+
+    async def connect(
+        self, static_key: bytes, addr: Addr, *, timeout: float | None = None
+    ) -> SessionEstablished | None:
+        """Handshake with a peer (if no session yet) and wait for the session.
+
+        Returns the :class:`SessionEstablished` event, or None if a session already
+        existed. Raises :class:`LinkUnreachableError` when the handshake gives up.
+        """
+        now = self._loop.time()
+        if self.endpoint.has_session(static_key, now):
+            return None
+        fut: asyncio.Future[SessionEstablished] = self._loop.create_future()
+        self._session_waiters.setdefault(static_key, []).append(fut)
+        self.endpoint.connect(static_key, addr, now)
+        self._pump()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise LinkUnreachableError(
+                f"no handshake response from {addr[0]}:{addr[1]} within {timeout:g}s"
+            ) from None
+        finally:
+            waiters = self._session_waiters.get(static_key, [])
+            if fut in waiters:
+                waiters.remove(fut)
+
+    def send(self, static_key: bytes, kind: int, payload: bytes) -> None:
+        """Send one frame (queued behind a handshake if needed)."""
+        self.endpoint.send(static_key, kind, payload, self._loop.time())
+        self._pump()
+
+    async def ping(self, static_key: bytes, *, timeout: float = 5.0) -> float:
+        """One link-level ping over an existing session; returns the RTT in seconds."""
+        seq = self.endpoint.ping(static_key, self._loop.time())
+        fut: asyncio.Future[float] = self._loop.create_future()
+        self._pong_waiters[seq] = fut
+        self._pump()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pong_waiters.pop(seq, None)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._transport is not None and not self._closed:
+            self._transport.close()
+        self._closed = True
+        for waiters in self._session_waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(LinkUnreachableError("link service closed"))
+        self._session_waiters.clear()
+
+    # --- the pump ---------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        endpoint = self.endpoint
+        transport = self._transport
+        if transport is not None and not self._closed:
+            for datagram, addr in endpoint.datagrams_to_send():
+                dest = self._destination(addr)
+                if dest is None:
+                    endpoint.stats["drop.tx_unsupported_family"] += 1
+                    continue
+                transport.sendto(datagram, dest)
+        else:
+            endpoint.datagrams_to_send()
+        event = endpoint.next_event()
+        while event is not None:
+            self._dispatch(event)
+            event = endpoint.next_event()
+        deadline = endpoint.get_timer()
+        if deadline != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = deadline
+            if deadline is not None and not self._closed:
+                self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.endpoint.handle_timer(self._loop.time())
+        self._pump()
+
+    def _dispatch(self, event: LinkEvent) -> None:
+        if isinstance(event, FrameReceived):
+            handler = self._handlers.get(event.kind)
+            if handler is not None:
+                try:
+                    handler(event)
+                except Exception:  # a broken handler must not stop the link
+                    self.endpoint.stats["error.handler"] += 1
+                    log.exception("link.handler_failed", kind=event.kind)
+            return
+        if isinstance(event, SessionEstablished):
+            log.debug(
+                "link.session_established", peer=b32encode(event.peer)[:12],
+                initiator=event.initiator, rekey=event.rekey,
+            )
+            for fut in self._session_waiters.pop(event.peer, []):
+                if not fut.done():
+                    fut.set_result(event)
+        elif isinstance(event, PongReceived):
+            pong = self._pong_waiters.pop(event.seq, None)
+            if pong is not None and not pong.done():
+                pong.set_result(event.rtt)
+        elif isinstance(event, PeerUnreachable):
+            log.info("link.peer_unreachable", peer=b32encode(event.peer)[:12], reason=event.reason)
+            for fut in self._session_waiters.pop(event.peer, []):
+                if not fut.done():
+                    fut.set_exception(
+                        LinkUnreachableError(
+                            f"no handshake response from {event.addr[0]}:{event.addr[1]} "
+                            "(peer down, wrong key, or traffic filtered)"
+                        )
+                    )
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                self.endpoint.stats["error.listener"] += 1
+                log.exception("link.listener_failed")
+
+    def _destination(self, addr: Addr) -> tuple[str, int] | None:
+        host, port = addr
+        if self._family == socket.AF_INET6:
+            if ":" not in host:
+                return (f"::ffff:{host}", port)
+            return (host, port)
+        if ":" in host:
+            return None
+        return (host, port)
+
+
+def _normalise(addr: Any) -> Addr:
+    host, port = str(addr[0]), int(addr[1])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return (host, port)
+
+
+def _bind(listen: Addr) -> socket.socket:
+    host, port = listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        for opt, force, size in (
+            (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None), RECV_BUFFER_BYTES),
+            (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None), SEND_BUFFER_BYTES),
+        ):
+            try:
+                if force is None:
+                    raise OSError
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise MeshError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
