@@ -21,6 +21,9 @@ from meshnode.identity import b32decode, b32encode
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
 def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, int]:
     """Split ``HOST:PORT`` / ``[V6]:PORT`` into (host, port); validates both."""
     text = text.strip()
@@ -32,6 +35,8 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
             raise ContactError(f"{text!r}: missing ']' after IPv6 address")
         host, rest = text[1:end], text[end + 1 :]
         try:
+            if "%" in host:  # zone ids are only meaningful on one machine: refuse them
+                raise ValueError(host)
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ContactError(f"{text!r}: {host!r} is not an IPv6 address") from None
@@ -52,7 +57,7 @@ def parse_hostport(text: str, *, default_port: int | None = None) -> tuple[str, 
         if default_port is None:
             raise ContactError(f"{text!r}: missing ':PORT'")
         return host, default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not _PORT.fullmatch(port_text) or not 0 < int(port_text) < 65536:
         raise ContactError(f"{text!r}: port must be a number from 1 to 65535")
     return host, int(port_text)
 
@@ -61,7 +66,7 @@ def _is_host(host: str) -> bool:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        return bool(_HOSTNAME.match(host)) and not host.replace(".", "").isdigit()
+        return bool(_HOSTNAME.fullmatch(host)) and not host.replace(".", "").isdigit()
     return True
 
 

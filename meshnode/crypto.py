@@ -158,7 +158,9 @@ class TransportCipher:
         return self._aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), plaintext, aad)
 
     def open(self, counter: int, ciphertext: bytes, aad: bytes) -> bytes | None:
-        """The plaintext, or None when the tag does not verify."""
+        """The plaintext, or None when the tag does not verify (or the counter is out of range)."""
+        if not 0 <= counter < 2**64:
+            return None
         try:
             return self._aead.decrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), ciphertext, aad)
         except InvalidTag:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -52,6 +53,9 @@ def b32decode(text: str, *, length: int, what: str = "key") -> bytes:
         raise DecodeError(f"{what} is not valid base32") from exc
     if len(raw) != length:
         raise DecodeError(f"{what} must be {length} bytes, got {len(raw)}")
+    if b32encode(raw) != clean.lower():
+        # One key, one spelling: refuse text whose unused trailing bits are not zero.
+        raise DecodeError(f"{what} is not canonical base32")
     return raw
 
 
@@ -133,6 +137,7 @@ def save_identity(home: Path, identity: Identity, *, force: bool = False) -> Pat
         )
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(home, 0o700)
         text = (
             f"{IDENTITY_FILE_HEADER}\n"
             f"node-id: {b32encode(identity.node_id)}\n"
@@ -140,12 +145,14 @@ def save_identity(home: Path, identity: Identity, *, force: bool = False) -> Pat
             f"link-private: {b32encode(identity.link_private)}\n"
         )
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="ascii") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except OSError as exc:
         raise IdentityError(f"cannot write {path}: {exc.strerror or exc}") from exc
@@ -188,4 +195,8 @@ def load_identity(home: Path) -> Identity:
         raise IdentityError(f"{path}: missing field {exc.args[0]!r}") from None
     except DecodeError as exc:
         raise IdentityError(f"{path}: {exc}") from None
-    return Identity(identity_seed=seed, link_private=link)
+    identity = Identity(identity_seed=seed, link_private=link)
+    recorded = fields.get("node-id")
+    if recorded is not None and recorded != b32encode(identity.node_id):
+        raise IdentityError(f"{path}: node-id does not match the keys (file edited or corrupted)")
+    return identity
