@@ -15,10 +15,13 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from meshnode.crypto import x25519_public_is_usable
 from meshnode.errors import ContactError, DecodeError
 from meshnode.identity import b32decode, b32encode
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 
 
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -95,6 +98,8 @@ class Contact:
             static_key = b32decode(key, length=32, what="contact key")
         except DecodeError as exc:
             raise ContactError(f"{text!r}: {exc}") from None
+        if not x25519_public_is_usable(static_key):
+            raise ContactError(f"{text!r}: contact key is not a usable X25519 public key")
         return cls(host=host, port=port, static_key=static_key)
 
     def __str__(self) -> str:

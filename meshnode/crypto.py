@@ -50,6 +50,7 @@ __all__ = [
     "random_bytes",
     "x25519_generate_private",
     "x25519_public_from_private",
+    "x25519_public_is_usable",
     "xaead_open",
     "xaead_seal",
 ]
@@ -97,6 +98,20 @@ def x25519_generate_private() -> bytes:
     return bytes(nacl.public.PrivateKey.generate())
 
 
+_PROBE_SCALAR = bytes.fromhex("a8abababababababababababababababababababababababababababababab6b")
+
+
+def x25519_public_is_usable(public_key: bytes) -> bool:
+    """False for keys no DH can use: wrong length or a low-order point (all-zero secret)."""
+    if len(public_key) != X25519_KEY_BYTES:
+        return False
+    try:
+        shared = nacl.bindings.crypto_scalarmult(_PROBE_SCALAR, public_key)
+    except (nacl.exceptions.RuntimeError, nacl.exceptions.CryptoError, RuntimeError, ValueError):
+        return False
+    return shared != bytes(X25519_KEY_BYTES)
+
+
 def x25519_public_from_private(private_key: bytes) -> bytes:
     """The 32-byte X25519 public key for ``private_key``."""
     return nacl.bindings.crypto_scalarmult_base(private_key)
@@ -108,7 +123,9 @@ def x25519_public_from_private(private_key: bytes) -> bytes:
 def hash_bytes(data: bytes, *, size: int = 32, person: bytes = b"") -> bytes:
     """BLAKE2b of ``data`` with ``size`` bytes of output and an optional 16-byte personalisation."""
     return nacl.hash.blake2b(
-        data, digest_size=size, person=person.ljust(16, b"\0") if person else b"",
+        data,
+        digest_size=size,
+        person=person.ljust(16, b"\0") if person else b"",
         encoder=nacl.encoding.RawEncoder,
     )
 
@@ -162,6 +179,8 @@ class TransportCipher:
         if not 0 <= counter < 2**64:
             return None
         try:
-            return self._aead.decrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), ciphertext, aad)
+            return self._aead.decrypt(
+                _NONCE_PREFIX + counter.to_bytes(8, "little"), ciphertext, aad
+            )
         except InvalidTag:
             return None

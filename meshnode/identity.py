@@ -129,7 +129,7 @@ def identity_path(home: Path) -> Path:
 
 
 def save_identity(home: Path, identity: Identity, *, force: bool = False) -> Path:
-    """Write the identity file (0600) in ``home`` (created 0700). Refuses to overwrite unless ``force``."""
+    """Write the identity file (0600) in ``home`` (made 0700); no overwrite without ``force``."""
     path = identity_path(home)
     if path.exists() and not force:
         raise IdentityExistsError(
@@ -180,8 +180,8 @@ def load_identity(home: Path) -> Identity:
     except (OSError, UnicodeDecodeError) as exc:
         raise IdentityError(f"cannot read {path}: {exc}") from exc
     fields: dict[str, str] = {}
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, value = line.partition(":")

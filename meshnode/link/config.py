@@ -1,4 +1,4 @@
-"""LinkConfig: the link layer's tunables, one frozen dataclass (defaults + a docstring per field)."""
+"""LinkConfig: the link layer's tunables, one frozen dataclass with a docstring per field."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class LinkConfig:
     """Tunables of one link endpoint. Defaults suit a public node."""
 
     max_peers: int = 4096
-    """Most peers (with or without a live session) kept at once; the least recently active is evicted."""
+    """Most peers (with or without a session) kept at once; the least recently active is evicted."""
 
     max_pending_handshakes: int = 256
     """Most handshakes we initiated that are still waiting for a response."""
@@ -48,7 +48,7 @@ class LinkConfig:
     """Forget the keys of a peer from which nothing valid arrived for this long."""
 
     handshake_rate_per_s: float = 500.0
-    """Initiations per second the responder processes before it is 'under load' and asks for cookies."""
+    """Initiations per second processed before the responder is 'under load' and demands cookies."""
 
     handshake_burst: int = 100
     """Initiations allowed in a burst before load is declared."""
@@ -61,15 +61,25 @@ class LinkConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "max_peers", "max_pending_handshakes", "max_queued_per_peer",
-            "handshake_burst", "per_ip_handshake_burst", "rekey_after_messages",
+            "max_peers",
+            "max_pending_handshakes",
+            "max_queued_per_peer",
+            "handshake_burst",
+            "per_ip_handshake_burst",
+            "rekey_after_messages",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in (
-            "handshake_timeout_s", "handshake_retry_initial_s", "handshake_retry_max_s",
-            "rekey_after_s", "reject_after_s", "keepalive_s", "idle_timeout_s",
-            "handshake_rate_per_s", "per_ip_handshake_rate_per_s",
+            "handshake_timeout_s",
+            "handshake_retry_initial_s",
+            "handshake_retry_max_s",
+            "rekey_after_s",
+            "reject_after_s",
+            "keepalive_s",
+            "idle_timeout_s",
+            "handshake_rate_per_s",
+            "per_ip_handshake_rate_per_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be greater than 0")

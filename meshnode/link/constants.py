@@ -65,7 +65,9 @@ REKEY_ATTEMPT_TIME_S = 90.0
 REKEY_TIMEOUT_S = 5.0
 KEEPALIVE_TIMEOUT_S = 10.0
 COOKIE_SECRET_LIFETIME_S = 120.0
-COOKIE_LIFETIME_S = 120.0 - 5.0  # an initiator stops using a cookie a little before the secret turns
+COOKIE_LIFETIME_S = (
+    120.0 - 5.0
+)  # an initiator stops using a cookie a little before the secret turns
 
 # Replay window: counters this far behind the highest seen are still accepted once.
 REPLAY_WINDOW = 2048

@@ -47,7 +47,7 @@ from meshnode.link.events import (
 )
 from meshnode.link.noise import InitiatorHandshake, ResponderHandshake
 from meshnode.link.ratelimit import KeyedRateLimiter, LoadDetector
-from meshnode.link.session import Keypair, PendingHandshake, Peer
+from meshnode.link.session import Keypair, Peer, PendingHandshake
 
 # A peer may not make us answer initiations more often than this (WireGuard's
 # HandshakeInitationRate): each one costs us four DH operations.
@@ -93,7 +93,7 @@ class LinkEndpoint:
         self._deadline: float | None = None
         self._ping_seq = 0
         self.stats: Counter[str] = Counter()
-        """Counters: ``rx.*``/``tx.*`` traffic, ``drop.<reason>``, ``handshake.*``, ``session.*``."""
+        """Counters: ``rx.*``/``tx.*``, ``drop.<reason>``, ``handshake.*``, ``session.*``."""
 
     # --- user calls ---------------------------------------------------------------------
 
@@ -105,8 +105,8 @@ class LinkEndpoint:
 
     def connect(self, static_key: bytes, addr: Addr, now: float) -> None:
         """Know ``static_key`` at ``addr`` and start a handshake unless a session exists."""
-        if len(static_key) != C.KEY_BYTES:
-            raise LocalProtocolError("static key must be 32 bytes")
+        if not crypto.x25519_public_is_usable(static_key):
+            raise LocalProtocolError("static key is not a usable X25519 public key")
         if static_key == self.identity.link_public:
             raise LocalProtocolError("cannot connect to ourselves")
         peer = self._peers.get(static_key)
@@ -245,8 +245,11 @@ class LinkEndpoint:
                 return
             self._events.append(
                 FrameReceived(
-                    peer=peer.static_key, node_id=node_id, kind=kind,
-                    payload=plaintext[1:], addr=addr,
+                    peer=peer.static_key,
+                    node_id=node_id,
+                    kind=kind,
+                    payload=plaintext[1:],
+                    addr=addr,
                 )
             )
         elif kind == C.KIND_PING:
@@ -280,9 +283,7 @@ class LinkEndpoint:
             if not self._cookie_checker.check_mac2(data, addr, now):
                 stats["handshake.cookie_sent"] += 1
                 sender = int.from_bytes(data[1:5], "big")
-                self._out.append(
-                    (self._cookie_checker.create_reply(data, sender, addr, now), addr)
-                )
+                self._out.append((self._cookie_checker.create_reply(data, sender, addr, now), addr))
                 return
             if not self._per_ip.allow(addr[0], now):
                 stats["drop.rate_limited"] += 1
@@ -322,9 +323,13 @@ class LinkEndpoint:
         noise_msg, keys = noise.write_response(reply.encode())
         body = M.encode_response_body(local_index, msg.sender_index, noise_msg)
         kp = Keypair(
-            peer=peer, send_key=keys.send_key, recv_key=keys.recv_key,
-            local_index=local_index, remote_index=msg.sender_index,
-            is_initiator=False, created=now,
+            peer=peer,
+            send_key=keys.send_key,
+            recv_key=keys.recv_key,
+            local_index=local_index,
+            remote_index=msg.sender_index,
+            is_initiator=False,
+            created=now,
         )
         if peer.next is not None:
             self._keypairs.pop(peer.next.local_index, None)
@@ -369,9 +374,13 @@ class LinkEndpoint:
             return
         self._set_identity(peer, payload.identity_key)
         kp = Keypair(
-            peer=peer, send_key=keys.send_key, recv_key=keys.recv_key,
-            local_index=pending.local_index, remote_index=msg.sender_index,
-            is_initiator=True, created=now,
+            peer=peer,
+            send_key=keys.send_key,
+            recv_key=keys.recv_key,
+            local_index=pending.local_index,
+            remote_index=msg.sender_index,
+            is_initiator=True,
+            created=now,
         )
         rekey = peer.current is not None
         self._retire(peer.previous)
@@ -530,9 +539,7 @@ class LinkEndpoint:
     def _seal(self, peer: Peer, kp: Keypair, plaintext: bytes, now: float) -> None:
         counter = kp.send_counter
         kp.send_counter = counter + 1
-        header = (
-            _TRANSPORT_TYPE + kp.remote_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
-        )
+        header = _TRANSPORT_TYPE + kp.remote_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
         self._out.append((header + kp.sender.seal(counter, plaintext, header), peer.addr))
         peer.last_sent = now
         peer.owes_keepalive = False
@@ -602,7 +609,9 @@ class LinkEndpoint:
         self.stats["drop.unreachable_queue"] += dropped
         self._events.append(
             PeerUnreachable(
-                peer=peer.static_key, addr=peer.addr, dropped_frames=dropped,
+                peer=peer.static_key,
+                addr=peer.addr,
+                dropped_frames=dropped,
                 reason=f"no handshake response after {self.config.handshake_timeout_s:g}s",
             )
         )
@@ -635,8 +644,13 @@ class LinkEndpoint:
             return
         self._events.append(
             SessionEstablished(
-                peer=peer.static_key, node_id=peer.node_id, identity_key=peer.identity_key,
-                addr=peer.addr, initiator=initiator, rekey=rekey, handshake_rtt=rtt,
+                peer=peer.static_key,
+                node_id=peer.node_id,
+                identity_key=peer.identity_key,
+                addr=peer.addr,
+                initiator=initiator,
+                rekey=rekey,
+                handshake_rtt=rtt,
             )
         )
 

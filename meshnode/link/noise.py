@@ -74,7 +74,10 @@ class InitiatorHandshake:
         if self._state != "start":
             raise LocalProtocolError("initiation already written")
         self._state = "sent"
-        return bytes(self._conn.write_message(payload))
+        try:
+            return bytes(self._conn.write_message(payload))
+        except Exception as exc:  # e.g. a low-order remote key fails the DH
+            raise HandshakeError("cannot write an initiation to this static key") from exc
 
     def read_response(self, message: bytes) -> tuple[bytes, TransportKeys]:
         """Consume Noise message 2 (e, ee, se); returns the peer's payload and the keys."""
@@ -82,7 +85,7 @@ class InitiatorHandshake:
             raise LocalProtocolError("no initiation outstanding")
         try:
             payload = bytes(self._conn.read_message(message))
-        except Exception as exc:  # noqa: BLE001 - the library raises bare Exception/InvalidTag
+        except Exception as exc:
             raise HandshakeError("handshake response did not verify") from exc
         self._state = "done"
         return payload, _keys(self._conn)
@@ -109,7 +112,7 @@ class ResponderHandshake:
         try:
             payload = bytes(self._conn.read_message(message))
             remote = bytes(self._conn.noise_protocol.handshake_state.rs.public_bytes)
-        except Exception as exc:  # noqa: BLE001 - the library raises bare Exception/InvalidTag
+        except Exception as exc:
             self._state = "failed"
             raise HandshakeError("handshake initiation did not verify") from exc
         self._state = "read"

@@ -148,9 +148,9 @@ class LinkService(asyncio.DatagramProtocol):
         now = self._loop.time()
         if self.endpoint.has_session(static_key, now):
             return None
+        self.endpoint.connect(static_key, addr, now)
         fut: asyncio.Future[SessionEstablished] = self._loop.create_future()
         self._session_waiters.setdefault(static_key, []).append(fut)
-        self.endpoint.connect(static_key, addr, now)
         self._pump()
         try:
             return await asyncio.wait_for(fut, timeout)
@@ -188,9 +188,11 @@ class LinkService(asyncio.DatagramProtocol):
         self._closed = True
         for waiters in self._session_waiters.values():
             for fut in waiters:
-                if not fut.done():
-                    fut.set_exception(LinkUnreachableError("link service closed"))
+                fut.cancel()
         self._session_waiters.clear()
+        for pong in self._pong_waiters.values():
+            pong.cancel()
+        self._pong_waiters.clear()
 
     # --- the pump ---------------------------------------------------------------------------
 
@@ -237,8 +239,10 @@ class LinkService(asyncio.DatagramProtocol):
             return
         if isinstance(event, SessionEstablished):
             log.debug(
-                "link.session_established", peer=b32encode(event.peer)[:12],
-                initiator=event.initiator, rekey=event.rekey,
+                "link.session_established",
+                peer=b32encode(event.peer)[:12],
+                initiator=event.initiator,
+                rekey=event.rekey,
             )
             for fut in self._session_waiters.pop(event.peer, []):
                 if not fut.done():

@@ -9,6 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from meshnode.contact import Contact, format_hostport, parse_hostport
+from meshnode.crypto import x25519_public_is_usable
 from meshnode.errors import ContactError, DecodeError
 from meshnode.identity import b32encode
 
@@ -151,7 +152,7 @@ contacts = st.builds(
     Contact,
     host=hosts,
     port=st.integers(min_value=1, max_value=65535),
-    static_key=st.binary(min_size=32, max_size=32),
+    static_key=st.binary(min_size=32, max_size=32).filter(x25519_public_is_usable),
 )
 
 
@@ -204,3 +205,16 @@ def test_parse_contact_like_text_returns_contact_or_contact_error(text: str) -> 
     contact = parse_or_error(text)
     if contact is not None:
         assert Contact.parse(str(contact)) == contact
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        bytes(32),  # the identity point: every DH with it is all zeros
+        (1).to_bytes(32, "little"),
+        bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+    ],
+)
+def test_low_order_contact_key_refused(key: bytes) -> None:
+    with pytest.raises(ContactError, match="not a usable X25519 public key"):
+        Contact.parse(f"127.0.0.1:7000#{b32encode(key)}")

@@ -90,7 +90,7 @@ def test_replayed_datagram_dropped_and_counted():
     net, a, b = connected()
     a.endpoint.send(b.key, KIND, b"once", net.now)
     net.collect()
-    [(data, src, dst)] = net.in_flight
+    [(data, src, _dst)] = net.in_flight
     net.deliver_all()
     b.endpoint.receive_datagram(data, src, net.now)
     assert frames(b) == [b"once"]
@@ -178,7 +178,7 @@ def test_old_keypair_still_accepted_during_rekey():
     net.in_flight.clear()
     a.endpoint.send(b.key, KIND, b"trigger", net.now)  # starts the rekey
     net.run()
-    for data, src, dst in old:
+    for data, src, _dst in old:
         a.endpoint.receive_datagram(data, src, net.now)
     net.collect()
     assert b"in-flight-old" in frames(a)
@@ -189,7 +189,7 @@ def test_keys_rejected_after_reject_time():
     net, a, b = connected(cfg)
     a.endpoint.send(b.key, KIND, b"x", net.now)
     net.collect()
-    [(data, src, dst)] = net.in_flight
+    [(data, src, _dst)] = net.in_flight
     net.in_flight.clear()
     net.now += 46
     b.endpoint.receive_datagram(data, src, net.now)
@@ -260,7 +260,7 @@ def test_replayed_initiation_refused():
     net, a, b = pair()
     a.endpoint.connect(b.key, b.addr, net.now)
     net.collect()
-    [(init, src, dst)] = net.in_flight
+    [(init, src, _dst)] = net.in_flight
     net.run()
     net.now += 1
     b.endpoint.receive_datagram(init, src, net.now)
@@ -352,7 +352,10 @@ def _snapshot(ep):
     for key in list(ep._peers):
         p = ep.peer_info(key)
         peers[key] = (
-            p.addr, p.identity_key, p.last_received, p.last_initiation_ts,
+            p.addr,
+            p.identity_key,
+            p.last_received,
+            p.last_initiation_ts,
             tuple((k.local_index, k.send_counter) for k in p.keypairs()),
             len(p.queue),
         )
@@ -366,7 +369,9 @@ def _snapshot(ep):
         st.builds(lambda t, rest: bytes([t]) + rest, st.integers(1, 4), st.binary(max_size=300)),
         st.sampled_from([C.INITIATION_BYTES, C.RESPONSE_BYTES, C.COOKIE_REPLY_BYTES]).flatmap(
             lambda n: st.builds(
-                lambda t, rest: bytes([t]) + rest, st.integers(1, 4), st.binary(min_size=n - 1, max_size=n - 1)
+                lambda t, rest: bytes([t]) + rest,
+                st.integers(1, 4),
+                st.binary(min_size=n - 1, max_size=n - 1),
             )
         ),
     )
@@ -387,7 +392,7 @@ def test_tampered_transport_counted_as_bad_tag():
     net, a, b = connected()
     a.endpoint.send(b.key, KIND, b"payload", net.now)
     net.collect()
-    [(data, src, dst)] = net.in_flight
+    [(data, src, _dst)] = net.in_flight
     net.in_flight.clear()
     for i in range(C.TRANSPORT_HEADER_BYTES, len(data)):
         bad = bytearray(data)
@@ -397,3 +402,17 @@ def test_tampered_transport_counted_as_bad_tag():
     b.endpoint.receive_datagram(data, src, net.now)  # the genuine one still gets through
     net.collect()
     assert frames(b) == [b"payload"]
+
+
+def test_low_order_static_key_refused_before_any_dh():
+    from meshnode.errors import HandshakeError
+    from meshnode.link.noise import InitiatorHandshake
+
+    net, a, _ = pair()
+    with pytest.raises(LocalProtocolError, match="usable X25519"):
+        a.endpoint.connect(bytes(32), ("127.0.0.9", 1), net.now)
+    noise = InitiatorHandshake(
+        local_static_private=a.endpoint.identity.link_private, remote_static_public=bytes(32)
+    )
+    with pytest.raises(HandshakeError):
+        noise.write_initiation(bytes(C.INITIATION_PAYLOAD_BYTES))

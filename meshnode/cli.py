@@ -1,0 +1,460 @@
+"""The ``meshnode`` command line (click): parse flags, build the config, call the packages.
+
+Commands: ``init`` (create an identity and config.toml), ``id`` (show node id and contact
+string). Node commands (``run``, ``ping``, ``demo``) are added at the end of this file.
+
+Exit codes (also in ``meshnode --help``):
+
+- 0   success
+- 1   operational failure (e.g. a peer is unreachable)
+- 2   usage or configuration error (bad flag, config key, contact string or identity file)
+- 130 interrupted (Ctrl-C)
+
+Any :class:`~meshnode.errors.MeshError` escaping a command is printed as one line,
+``meshnode: error: <message>``, never a traceback; :class:`MeshGroup` does this once for
+every command.
+
+Not here: protocol logic or validation rules (config.py validates; node.py runs the node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from meshnode import __version__
+from meshnode.config import CONFIG_FILE, NodeConfig, Role, default_config_text, load_config
+from meshnode.contact import Contact, format_hostport
+from meshnode.demo import run_demo
+from meshnode.errors import ConfigError, ContactError, IdentityError, MeshError
+from meshnode.identity import (
+    Identity,
+    b32encode,
+    default_home,
+    load_identity,
+    save_identity,
+)
+from meshnode.link.udp import LinkService
+from meshnode.log import configure_logging
+from meshnode.node import Node
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# Errors that mean "fix your command line, config or key files" rather than "it failed".
+USAGE_ERRORS: tuple[type[MeshError], ...] = (ConfigError, ContactError, IdentityError)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def error_exit_code(exc: MeshError) -> int:
+    """2 for usage/configuration errors (:data:`USAGE_ERRORS`), 1 for everything else."""
+    return EXIT_USAGE if isinstance(exc, USAGE_ERRORS) else EXIT_FAILURE
+
+
+class MeshGroup(click.Group):
+    """A click group that turns MeshError into one stderr line and an exit code.
+
+    Wraps the invocation of every subcommand, so commands added later get it for free.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MeshError as exc:
+            click.echo(f"meshnode: error: {_one_line(exc)}", err=True)
+            ctx.exit(error_exit_code(exc))
+        except KeyboardInterrupt:
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@dataclass(slots=True)
+class CliState:
+    """Group-level options, handed to every subcommand as ``ctx.obj``.
+
+    ``None`` means "not given on the command line": config.toml (or the default) decides.
+    """
+
+    log_format: str | None = None
+    log_level: str | None = None
+
+    def overrides(self) -> dict[str, object]:
+        """The group options as config overrides (see :func:`meshnode.config.load_config`)."""
+        return {"log.format": self.log_format, "log.level": self.log_level}
+
+
+pass_state = click.make_pass_decorator(CliState, ensure=True)
+
+
+def home_option(f: _F) -> _F:
+    """``--home DIR`` (envvar MESHNODE_HOME): the node's directory, passed as ``home: Path``."""
+    return click.option(
+        "--home",
+        type=click.Path(file_okay=False, dir_okay=True, path_type=Path),
+        default=default_home,
+        envvar="MESHNODE_HOME",
+        show_default="$MESHNODE_HOME or ~/.config/meshnode",
+        help="Node directory: identity.key and config.toml live here.",
+    )(f)
+
+
+def load_node_config(
+    state: CliState,
+    home: Path,
+    *,
+    config: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> NodeConfig:
+    """Load the config with the group options and ``overrides`` (dotted keys, e.g.
+    ``{"node.listen": "127.0.0.1:7000"}``; None values ignored) applied, then configure
+    logging from it. What every node command starts with."""
+    merged = state.overrides()
+    merged.update(overrides or {})
+    node_config = load_config(home, path=config, overrides=merged)
+    configure_logging(level=node_config.log.level, fmt=node_config.log.format)
+    return node_config
+
+
+def contact_for(identity: Identity, node_config: NodeConfig) -> tuple[Contact, str | None]:
+    """Our contact string, and a note for the operator when it is only a loopback guess."""
+    address = node_config.public_address()
+    note = None
+    if address is None:
+        host, port = node_config.listen
+        loopback = "::1" if ":" in host else "127.0.0.1"
+        address = (loopback, port)
+        note = (
+            f"node.listen is the wildcard {format_hostport(host, port)}, so this contact uses "
+            f"{loopback} and works only on this machine; set node.advertise in "
+            f"{node_config.home / CONFIG_FILE} to the address other nodes reach you at"
+        )
+    return Contact(host=address[0], port=address[1], static_key=identity.link_public), note
+
+
+def _note(text: str | None) -> None:
+    if text:
+        click.echo(f"meshnode: note: {text}", err=True)
+
+
+@click.group(
+    cls=MeshGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", prog_name="meshnode")
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default=None,
+    envvar="MESHNODE_LOG_FORMAT",
+    help="Log output: readable console lines or JSON lines. [default: from config, console]",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    envvar="MESHNODE_LOG_LEVEL",
+    help="Least severe log level written. [default: from config, info]",
+)
+@click.pass_context
+def main(ctx: click.Context, log_format: str | None, log_level: str | None) -> None:
+    """meshnode: a decentralized, onion-routed mesh VPN node.
+
+    Start with `meshnode init`, share the contact string it prints, and put other
+    nodes' contact strings in node.bootstrap of config.toml.
+
+    \b
+    Example:
+      meshnode init --listen 0.0.0.0:7520 --advertise 203.0.113.7:7520
+      meshnode id
+
+    \b
+    Exit codes:
+      0    success
+      1    operational failure (e.g. a peer is unreachable)
+      2    usage or configuration error
+      130  interrupted (Ctrl-C)
+    """
+    ctx.obj = CliState(log_format=log_format, log_level=log_level)
+
+
+@main.command()
+@home_option
+@click.option("--force", is_flag=True, help="Replace an existing identity (its node id is lost).")
+@click.option(
+    "--listen",
+    metavar="HOST:PORT",
+    default=None,
+    help="UDP address to listen on, written to a new config.toml. [default: 0.0.0.0:7520]",
+)
+@click.option(
+    "--advertise",
+    metavar="HOST:PORT",
+    default=None,
+    help="Address other nodes reach this node at, written to a new config.toml.",
+)
+@pass_state
+def init(
+    state: CliState, home: Path, force: bool, listen: str | None, advertise: str | None
+) -> None:
+    """Create a node: a new identity (identity.key, mode 0600) and a commented config.toml.
+
+    An existing config.toml is left as it is (--listen/--advertise then do nothing);
+    an existing identity is kept unless --force is given.
+
+    \b
+    Example:
+      meshnode init --home ~/.config/meshnode --advertise 203.0.113.7:7520
+    """
+    config_path = home / CONFIG_FILE
+    config_exists = config_path.exists()
+    # Validate everything before writing anything: the flags (as overrides) when we write
+    # a fresh config.toml, the existing file otherwise.
+    flags = {"node.listen": listen, "node.advertise": advertise}
+    node_config = load_node_config(state, home, overrides=None if config_exists else flags)
+
+    identity = Identity.generate()
+    key_path = save_identity(home, identity, force=force)
+    if config_exists:
+        config_note = "exists, left unchanged"
+        if listen is not None or advertise is not None:
+            config_note += "; --listen/--advertise not applied, edit the file instead"
+    else:
+        text = default_config_text(listen=node_config.listen, advertise=node_config.advertise)
+        _write_private(config_path, text)
+        config_note = "written"
+        node_config = load_node_config(state, home)  # what `meshnode id` will read
+
+    contact, note = contact_for(identity, node_config)
+    click.echo(f"node id:   {b32encode(identity.node_id)}")
+    click.echo(f"contact:   {contact}")
+    click.echo(f"identity:  {key_path} (written, mode 0600; keep it secret)")
+    click.echo(f"config:    {config_path} ({config_note})")
+    _note(note)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Create ``path`` with mode 0600; never overwrites."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write: {exc.strerror or exc}", source=str(path)) from None
+
+
+@main.command(name="id")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+@pass_state
+def id_command(state: CliState, home: Path, as_json: bool) -> None:
+    """Show this node's id and the contact string other nodes bootstrap from.
+
+    The contact is HOST:PORT#KEY: node.advertise (else node.listen) and the link key.
+    Give it to another operator for their node.bootstrap list.
+
+    \b
+    Example:
+      meshnode id
+      meshnode id --json | jq -r .contact
+    """
+    identity = load_identity(home)
+    node_config = load_node_config(state, home)
+    contact, note = contact_for(identity, node_config)
+    if as_json:
+        record = {
+            "node_id": b32encode(identity.node_id),
+            "contact": str(contact),
+            "identity_key": b32encode(identity.identity_public),
+            "link_key": b32encode(identity.link_public),
+        }
+        click.echo(json.dumps(record))
+    else:
+        click.echo(f"node id:  {b32encode(identity.node_id)}")
+        click.echo(f"contact:  {contact}")
+    _note(note)
+
+
+# --- Node commands ------------------------------------------------------------------------
+# `run`, `ping` and `demo` go here. Pattern: @main.command() + @home_option + @pass_state,
+# then `node_config = load_node_config(state, home, overrides={"node.listen": ...})` and
+# `asyncio.run(...)`. Raise MeshError subclasses for failures: MeshGroup prints them as
+# one line and exits 1 (2 for USAGE_ERRORS); Ctrl-C exits 130.
+
+
+@main.command()
+@home_option
+@click.option(
+    "--listen", metavar="HOST:PORT", help="UDP address to listen on ([::]:PORT for IPv4+IPv6)."
+)
+@click.option("--advertise", metavar="HOST:PORT", help="Address other nodes reach us at.")
+@click.option(
+    "--role", type=click.Choice([r.value for r in Role]), help="What this node offers the mesh."
+)
+@click.option(
+    "--bootstrap",
+    "bootstraps",
+    multiple=True,
+    metavar="CONTACT",
+    help="A node to connect to at start (HOST:PORT#KEY); repeatable, adds to node.bootstrap.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file (default: HOME/config.toml).",
+)
+@pass_state
+def run(
+    state: CliState,
+    home: Path,
+    listen: str | None,
+    advertise: str | None,
+    role: str | None,
+    bootstraps: tuple[str, ...],
+    config_path: Path | None,
+) -> None:
+    """Run a node until Ctrl-C or SIGTERM.
+
+    Brings the link layer up on one UDP socket, answers Noise handshakes and link pings,
+    and connects to every bootstrap contact. When it is ready it prints one line on
+    stdout, for scripts:
+
+    \b
+      READY node_id=<id> contact=<HOST:PORT#KEY> listen=<HOST:PORT>
+
+    On exit it logs its link counters (node.stopped): traffic, handshakes, and every
+    dropped datagram by reason.
+
+    \b
+    Examples:
+      meshnode run --listen 127.10.0.1:7520
+      meshnode run --listen [::]:7520 --role relay --bootstrap 203.0.113.5:7520#KEY
+      meshnode --log-format json run
+    """
+    identity = load_identity(home)
+    overrides: dict[str, object] = {
+        "node.listen": listen,
+        "node.advertise": advertise,
+        "node.role": role,
+    }
+    node_config = load_node_config(state, home, config=config_path, overrides=overrides)
+    if bootstraps:
+        extra = load_config(
+            home, path=config_path, overrides={"node.bootstrap": list(bootstraps)}
+        ).bootstrap
+        node_config = dataclasses.replace(node_config, bootstrap=node_config.bootstrap + extra)
+
+    def ready(node: Node) -> None:
+        click.echo(
+            f"READY node_id={b32encode(identity.node_id)} contact={node.contact} "
+            f"listen={format_hostport(*node.link_addr())}"
+        )
+        sys.stdout.flush()
+
+    asyncio.run(Node(node_config, identity).run(on_ready=ready))
+
+
+@main.command()
+@click.argument("contact")
+@click.option("-c", "--count", default=4, show_default=True, type=click.IntRange(1, 100_000))
+@click.option(
+    "-i",
+    "--interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 3600.0),
+    help="Seconds between pings.",
+)
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 600.0),
+    help="Seconds to wait for the handshake, and for each pong.",
+)
+@pass_state
+def ping(state: CliState, contact: str, count: int, interval: float, timeout: float) -> None:
+    """Handshake with a node and measure link round-trip times.
+
+    CONTACT is HOST:PORT#KEY, as printed by `meshnode id` on the other node. A throwaway
+    identity is used, so no `init` is needed. Prints the handshake time, then one line per
+    pong. Exits 0 if any pong came back, 1 if none did or the handshake failed (node
+    down, wrong key, or traffic filtered: a node never answers a handshake made for
+    another key).
+
+    \b
+    Examples:
+      meshnode ping 127.10.0.1:7520#u2ffv6sq5hxygd6u4tp6wsxwktk4n4q5zgxkjm3tyrxqohhuqabq
+      meshnode ping -c 10 -i 0.2 [::1]:7520#KEY
+    """
+    parsed = Contact.parse(contact)
+    configure_logging(level=state.log_level or "warning", fmt=state.log_format or "console")
+    received = asyncio.run(_ping(parsed, count=count, interval=interval, timeout=timeout))
+    if received == 0:
+        sys.exit(EXIT_FAILURE)
+
+
+async def _ping(contact: Contact, *, count: int, interval: float, timeout: float) -> int:
+    family_any = "::" if ":" in contact.host else "0.0.0.0"  # noqa: S104 - ephemeral port
+    service = await LinkService.open(Identity.generate(), (family_any, 0))
+    target = format_hostport(contact.host, contact.port)
+    try:
+        addr = await service.resolve(contact.host, contact.port)
+        click.echo(f"PING {target} (link key {b32encode(contact.static_key)[:16]}...)")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        est = await service.connect(contact.static_key, addr, timeout=timeout)
+        hs_ms = (loop.time() - t0) * 1000
+        node = b32encode(est.node_id) if est is not None else "?"
+        click.echo(f"handshake with {target} done in {hs_ms:.2f} ms: node id {node}")
+        rtts: list[float] = []
+        for seq in range(1, count + 1):
+            try:
+                rtt = await service.ping(contact.static_key, timeout=timeout) * 1000
+            except TimeoutError:
+                click.echo(f"seq={seq}: no pong within {timeout:g}s")
+            else:
+                rtts.append(rtt)
+                click.echo(f"pong from {node[:12]}: seq={seq} time={rtt:.3f} ms")
+            if seq < count:
+                await asyncio.sleep(interval)
+        loss = 100.0 * (count - len(rtts)) / count
+        click.echo(f"--- {target} ping statistics ---")
+        summary = f"{count} sent, {len(rtts)} received, {loss:.0f}% loss"
+        if rtts:
+            summary += (
+                f"; handshake {hs_ms:.2f} ms; rtt min/avg/max = "
+                f"{min(rtts):.3f}/{sum(rtts) / len(rtts):.3f}/{max(rtts):.3f} ms"
+            )
+        click.echo(summary)
+        return len(rtts)
+    finally:
+        service.close()
+
+
+@main.command()
+def demo() -> None:
+    """Two nodes on loopback handshake and exchange encrypted frames, step by step.
+
+    Uses fresh throwaway identities and loopback addresses 127.10.0.1 / 127.11.0.1;
+    starts nothing that outlives it. Exits 1 if any step fails.
+    """
+    configure_logging(level="warning")
+    if not asyncio.run(run_demo()):
+        sys.exit(EXIT_FAILURE)
