@@ -61,8 +61,11 @@ class LinkNet:
     def add(self, name: str, *, config: LinkConfig | None = None, port: int = 7000) -> Node:
         addr = (f"127.0.{len(self.nodes) + 1}.1", port)
         ep = LinkEndpoint(
-            identity=det_identity(name), now=self.now, config=config,
-            wallclock_ns=self.wallclock, random_bytes=det_random(name.encode()),
+            identity=det_identity(name),
+            now=self.now,
+            config=config,
+            wallclock_ns=self.wallclock,
+            random_bytes=det_random(name.encode()),
         )
         node = Node(name=name, addr=addr, endpoint=ep)
         self.nodes[addr] = node
