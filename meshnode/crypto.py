@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import struct
 
 import nacl.bindings
 import nacl.encoding
@@ -156,7 +157,7 @@ def xaead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes
         return None
 
 
-_NONCE_PREFIX = b"\0\0\0\0"
+_NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly nonce: 4 zero bytes + LE64 counter
 
 
 class TransportCipher:
@@ -172,15 +173,13 @@ class TransportCipher:
         self._aead = ChaCha20Poly1305(key)
 
     def seal(self, counter: int, plaintext: bytes, aad: bytes) -> bytes:
-        return self._aead.encrypt(_NONCE_PREFIX + counter.to_bytes(8, "little"), plaintext, aad)
+        return self._aead.encrypt(_NONCE.pack(counter), plaintext, aad)
 
     def open(self, counter: int, ciphertext: bytes, aad: bytes) -> bytes | None:
         """The plaintext, or None when the tag does not verify (or the counter is out of range)."""
         if not 0 <= counter < 2**64:
             return None
         try:
-            return self._aead.decrypt(
-                _NONCE_PREFIX + counter.to_bytes(8, "little"), ciphertext, aad
-            )
+            return self._aead.decrypt(_NONCE.pack(counter), ciphertext, aad)
         except InvalidTag:
             return None

@@ -25,6 +25,7 @@ Not here: sockets, the clock, asyncio (udp.py); what frames mean (the layers abo
 
 from __future__ import annotations
 
+import struct
 from collections import Counter, deque
 from collections.abc import Callable
 
@@ -54,7 +55,9 @@ from meshnode.link.session import Keypair, Peer, PendingHandshake
 MIN_INITIATION_INTERVAL_S = 0.05
 MAX_OUTSTANDING_PINGS = 64
 _HEADER_BYTES = C.TRANSPORT_HEADER_BYTES
-_TRANSPORT_TYPE = bytes((C.MSG_TRANSPORT,))
+_INDEX_COUNTER = struct.Struct(">IQ")
+_HEADER = struct.Struct(">BIQ")
+_NOTHING: list[tuple[bytes, tuple[str, int]]] = []
 
 
 class LinkEndpoint:
@@ -92,8 +95,12 @@ class LinkEndpoint:
         self._events: deque[LinkEvent] = deque()
         self._deadline: float | None = None
         self._ping_seq = 0
-        self.stats: Counter[str] = Counter()
-        """Counters: ``rx.*``/``tx.*``, ``drop.<reason>``, ``handshake.*``, ``session.*``."""
+        self._stats: Counter[str] = Counter()
+        # Per-datagram counters are plain ints (a Counter update costs 4x more);
+        # `stats` folds them in.
+        self._n_rx = 0
+        self._n_rx_transport = 0
+        self._n_tx_transport = 0
 
     # --- user calls ---------------------------------------------------------------------
 
@@ -154,6 +161,22 @@ class LinkEndpoint:
         return self._peers.get(static_key)
 
     @property
+    def stats(self) -> Counter[str]:
+        """Counters: ``rx.*``/``tx.*``, ``drop.<reason>``, ``handshake.*``, ``session.*``.
+
+        The same Counter every time, so a driver may add its own (``error.*``) to it.
+        """
+        stats = self._stats
+        for name, value in (
+            ("rx.datagrams", self._n_rx),
+            ("rx.transport", self._n_rx_transport),
+            ("tx.transport", self._n_tx_transport),
+        ):
+            if value:
+                stats[name] = value
+        return stats
+
+    @property
     def peer_count(self) -> int:
         return len(self._peers)
 
@@ -166,6 +189,8 @@ class LinkEndpoint:
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         """Datagrams produced since the last call, with their destinations."""
         out = self._out
+        if not out:
+            return _NOTHING
         self._out = []
         return out
 
@@ -180,8 +205,8 @@ class LinkEndpoint:
 
     def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
         """Process one datagram from ``addr``. Never raises for anything the network sends."""
-        stats = self.stats
-        stats["rx.datagrams"] += 1
+        self._n_rx += 1
+        stats = self._stats
         size = len(data)
         if size == 0 or size > C.MAX_DATAGRAM_BYTES:
             stats["drop.bad_length"] += 1
@@ -199,18 +224,18 @@ class LinkEndpoint:
             stats["drop.unknown_type"] += 1
 
     def _receive_transport(self, data: bytes, addr: Addr, now: float) -> None:
-        stats = self.stats
+        stats = self._stats
         if len(data) < C.TRANSPORT_MIN_BYTES:
             stats["drop.bad_length"] += 1
             return
-        kp = self._keypairs.get(int.from_bytes(data[1:5], "big"))
+        index, counter = _INDEX_COUNTER.unpack_from(data, 1)
+        kp = self._keypairs.get(index)
         if kp is None:
             stats["drop.unknown_index"] += 1
             return
         if now - kp.created >= self.config.reject_after_s:
             stats["drop.expired_keys"] += 1
             return
-        counter = int.from_bytes(data[5:13], "big")
         if not kp.replay.check(counter):
             stats["drop.replay"] += 1
             return
@@ -222,7 +247,7 @@ class LinkEndpoint:
             stats["drop.replay"] += 1
             return
         peer = kp.peer
-        stats["rx.transport"] += 1
+        self._n_rx_transport += 1
         peer.last_received = now
         peer.awaiting_reply_since = None
         if kp is peer.next:
@@ -404,12 +429,12 @@ class LinkEndpoint:
         index = parse_cookie_reply_index(data)
         peer = self._pending.get(index) if index is not None else None
         if peer is None:
-            self.stats["drop.unknown_index"] += 1
+            self._stats["drop.unknown_index"] += 1
             return
         if peer.cookies.consume_reply(data, now):
-            self.stats["handshake.cookie_received"] += 1
+            self._stats["handshake.cookie_received"] += 1
         else:
-            self.stats["drop.bad_cookie"] += 1
+            self._stats["drop.bad_cookie"] += 1
 
     # --- timers ---------------------------------------------------------------------------
 
@@ -432,7 +457,7 @@ class LinkEndpoint:
                 if peer.static_key not in self._peers:
                     return None
             else:
-                self.stats["handshake.retried"] += 1
+                self._stats["handshake.retried"] += 1
                 self._initiate(peer, now)
         # Key expiry.
         for slot in ("previous", "next", "current"):
@@ -441,10 +466,10 @@ class LinkEndpoint:
                 self._retire(kp)
                 setattr(peer, slot, None)
                 if slot == "current":
-                    self.stats["session.expired"] += 1
+                    self._stats["session.expired"] += 1
         if peer.current is not None and now - peer.last_received >= cfg.idle_timeout_s:
             self._events.append(SessionClosed(peer=peer.static_key, reason="idle"))
-            self.stats["session.idle_closed"] += 1
+            self._stats["session.idle_closed"] += 1
             self._remove_peer(peer)
             return None
         if peer.current is None and peer.next is None and peer.attempt_started is None:
@@ -457,10 +482,10 @@ class LinkEndpoint:
             # Passive keepalive: they sent us data and we have said nothing since.
             if peer.owes_keepalive and now - peer.last_data_received >= cfg.keepalive_s:
                 self._seal(peer, current, b"", now)
-                self.stats["tx.keepalive"] += 1
+                self._stats["tx.keepalive"] += 1
             if cfg.persistent_keepalive_s and now - peer.last_sent >= cfg.persistent_keepalive_s:
                 self._seal(peer, current, b"", now)
-                self.stats["tx.keepalive"] += 1
+                self._stats["tx.keepalive"] += 1
             # Dead peer: we sent data and heard nothing back for keepalive + rekey timeout.
             if (
                 peer.awaiting_reply_since is not None
@@ -468,7 +493,7 @@ class LinkEndpoint:
                 and peer.attempt_started is None
             ):
                 peer.awaiting_reply_since = None
-                self.stats["handshake.dead_peer"] += 1
+                self._stats["handshake.dead_peer"] += 1
                 self._initiate(peer, now)
         return self._peer_deadline(peer, cfg)
 
@@ -513,7 +538,7 @@ class LinkEndpoint:
         if kp is None:
             if len(peer.queue) >= self.config.max_queued_per_peer:
                 peer.queue.popleft()
-                self.stats["drop.queue_full"] += 1
+                self._stats["drop.queue_full"] += 1
             peer.queue.append(frame)
             if peer.attempt_started is None:
                 self._initiate(peer, now)
@@ -523,7 +548,7 @@ class LinkEndpoint:
             peer.awaiting_reply_since = now
             self._schedule(now + self.config.keepalive_s + C.REKEY_TIMEOUT_S)
         if peer.attempt_started is None and self._wants_rekey(kp, now):
-            self.stats["handshake.rekey"] += 1
+            self._stats["handshake.rekey"] += 1
             self._initiate(peer, now)
 
     def _wants_rekey(self, kp: Keypair, now: float) -> bool:
@@ -539,11 +564,11 @@ class LinkEndpoint:
     def _seal(self, peer: Peer, kp: Keypair, plaintext: bytes, now: float) -> None:
         counter = kp.send_counter
         kp.send_counter = counter + 1
-        header = _TRANSPORT_TYPE + kp.remote_index.to_bytes(4, "big") + counter.to_bytes(8, "big")
+        header = _HEADER.pack(C.MSG_TRANSPORT, kp.remote_index, counter)
         self._out.append((header + kp.sender.seal(counter, plaintext, header), peer.addr))
         peer.last_sent = now
         peer.owes_keepalive = False
-        self.stats["tx.transport"] += 1
+        self._n_tx_transport += 1
 
     def _transmit(self, peer: Peer, datagram: bytes, now: float) -> None:
         self._out.append((datagram, peer.addr))
@@ -568,7 +593,7 @@ class LinkEndpoint:
             self._pending.pop(peer.handshake.local_index, None)
             peer.handshake = None
         elif len(self._pending) >= cfg.max_pending_handshakes:
-            self.stats["drop.too_many_pending"] += 1
+            self._stats["drop.too_many_pending"] += 1
             if peer.attempt_started is None:
                 peer.attempt_started = now
                 peer.retry_delay = cfg.handshake_retry_initial_s
@@ -594,7 +619,7 @@ class LinkEndpoint:
         jitter = int.from_bytes(self._random(2), "big") / 65536 * peer.retry_delay / 3
         peer.next_retry = now + peer.retry_delay + jitter
         peer.retry_delay = min(peer.retry_delay * 2, cfg.handshake_retry_max_s)
-        self.stats["handshake.initiated"] += 1
+        self._stats["handshake.initiated"] += 1
         self._transmit(peer, peer.cookies.add_macs(body, now), now)
         self._schedule(peer.next_retry)
 
@@ -605,8 +630,8 @@ class LinkEndpoint:
         peer.attempt_started = None
         dropped = len(peer.queue)
         peer.queue.clear()
-        self.stats["handshake.timed_out"] += 1
-        self.stats["drop.unreachable_queue"] += dropped
+        self._stats["handshake.timed_out"] += 1
+        self._stats["drop.unreachable_queue"] += dropped
         self._events.append(
             PeerUnreachable(
                 peer=peer.static_key,
@@ -625,7 +650,7 @@ class LinkEndpoint:
         rekey = peer.current is not None
         self._retire(peer.previous)
         peer.previous, peer.current, peer.next = peer.current, kp, None
-        self.stats["handshake.completed"] += 1
+        self._stats["handshake.completed"] += 1
         self._established(peer, now, initiator=False, rekey=rekey, rtt=None)
         if peer.handshake is None:
             peer.attempt_started = None
@@ -672,7 +697,7 @@ class LinkEndpoint:
     def _add_peer(self, static_key: bytes, addr: Addr, now: float) -> Peer:
         if len(self._peers) >= self.config.max_peers:
             victim = min(self._peers.values(), key=lambda p: p.last_active)
-            self.stats["session.evicted"] += 1
+            self._stats["session.evicted"] += 1
             self._events.append(SessionClosed(peer=victim.static_key, reason="evicted"))
             self._remove_peer(victim)
         peer = Peer(static_key=static_key, addr=addr, cookies=CookieGenerator(static_key))

@@ -1,5 +1,9 @@
 """Events the link endpoint hands to its driver (read with ``LinkEndpoint.next_event``).
 
+Treat them as immutable. They are not ``frozen`` dataclasses because one
+FrameReceived is built per datagram and a frozen dataclass costs 0.88 us to construct
+against 0.34 us for a plain slotted one (measured on the 2-core dev machine).
+
 Peers are named by their static (link) public key, the key the link authenticated.
 """
 
@@ -12,7 +16,7 @@ from meshnode.identity import NodeId
 Addr = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LinkEvent:
     """Base of every link event."""
 
@@ -20,7 +24,7 @@ class LinkEvent:
     """The peer's static link public key (32 bytes)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SessionEstablished(LinkEvent):
     """A handshake completed and its keys are now in use."""
 
@@ -38,7 +42,7 @@ class SessionEstablished(LinkEvent):
     """Initiator only: seconds from the initiation that succeeded to its response."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class FrameReceived(LinkEvent):
     """An authenticated frame of a registered kind arrived."""
 
@@ -48,7 +52,7 @@ class FrameReceived(LinkEvent):
     addr: Addr
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PongReceived(LinkEvent):
     """A link-level ping we sent was answered."""
 
@@ -56,7 +60,7 @@ class PongReceived(LinkEvent):
     rtt: float
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PeerUnreachable(LinkEvent):
     """Handshakes with the peer failed for ``handshake_timeout_s``; queued frames were dropped."""
 
@@ -65,14 +69,14 @@ class PeerUnreachable(LinkEvent):
     dropped_frames: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SessionClosed(LinkEvent):
     """The peer's session ended (idle, or keys too old and no new handshake)."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class PeerRoamed(LinkEvent):
     """An authenticated datagram arrived from a new address; we now send there."""
 

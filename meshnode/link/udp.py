@@ -98,7 +98,10 @@ class LinkService(asyncio.DatagramProtocol):
         self._transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.endpoint.receive_datagram(data, _normalise(addr), self._loop.time())
+        # An IPv4 socket already reports (str, int); only IPv6 needs normalising.
+        if self._family != socket.AF_INET:
+            addr = _normalise(addr)
+        self.endpoint.receive_datagram(data, addr, self._loop.time())
         self._pump()
 
     def error_received(self, exc: Exception) -> None:
