@@ -26,7 +26,7 @@ Not here: sockets, the clock, asyncio (udp.py); what frames mean (the layers abo
 from __future__ import annotations
 
 import struct
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 
 from meshnode import crypto
@@ -91,6 +91,9 @@ class LinkEndpoint:
         self._keypairs: dict[int, Keypair] = {}
         self._pending: dict[int, Peer] = {}
         self._kinds: set[int] = set()
+        # Greatest initiation timestamp per initiator key, kept beyond the peer record so
+        # a recorded initiation stays refused after its peer was forgotten (bounded LRU).
+        self._seen_timestamps: OrderedDict[bytes, int] = OrderedDict()
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[LinkEvent] = deque()
         self._deadline: float | None = None
@@ -324,18 +327,19 @@ class LinkEndpoint:
         if remote_static == self.identity.link_public:
             stats["drop.bad_handshake"] += 1
             return
+        # Cheap checks before the signature: replays and floods cost no Ed25519 verify.
+        if payload.timestamp_ns <= self._seen_timestamps.get(remote_static, 0):
+            stats["drop.replayed_initiation"] += 1
+            return
+        peer = self._peers.get(remote_static)
+        if peer is not None and now - peer.last_initiation_at < MIN_INITIATION_INTERVAL_S:
+            stats["drop.initiation_flood"] += 1
+            return
         if not verify_link_binding(payload.identity_key, remote_static, payload.link_signature):
             stats["drop.bad_identity"] += 1
             return
-        peer = self._peers.get(remote_static)
-        if peer is not None:
-            if payload.timestamp_ns <= peer.last_initiation_ts:
-                stats["drop.replayed_initiation"] += 1
-                return
-            if now - peer.last_initiation_at < MIN_INITIATION_INTERVAL_S:
-                stats["drop.initiation_flood"] += 1
-                return
-        else:
+        self._remember_timestamp(remote_static, payload.timestamp_ns)
+        if peer is None:
             peer = self._add_peer(remote_static, addr, now)
         peer.last_initiation_ts = payload.timestamp_ns
         peer.last_initiation_at = now
@@ -384,14 +388,17 @@ class LinkEndpoint:
             stats["drop.bad_mac1"] += 1
             return
         pending = peer.handshake
-        # The Noise state is spent by any read attempt, so a forged response ends this
-        # attempt; the retry timer sends a fresh initiation.
+        try:
+            # A forged response leaves `pending` intact (noise.py rebuilds its state).
+            raw_payload, keys = pending.noise.read_response(msg.noise)
+        except HandshakeError:
+            stats["drop.bad_handshake"] += 1
+            return
         self._pending.pop(pending.local_index, None)
         peer.handshake = None
         try:
-            raw_payload, keys = pending.noise.read_response(msg.noise)
             payload = M.ResponsePayload.decode(raw_payload)
-        except (DecodeError, HandshakeError):
+        except DecodeError:
             stats["drop.bad_handshake"] += 1
             return
         if not verify_link_binding(payload.identity_key, peer.static_key, payload.link_signature):
@@ -617,7 +624,8 @@ class LinkEndpoint:
             peer.attempt_started = now
             peer.retry_delay = cfg.handshake_retry_initial_s
         jitter = int.from_bytes(self._random(2), "big") / 65536 * peer.retry_delay / 3
-        peer.next_retry = now + peer.retry_delay + jitter
+        give_up_at = peer.attempt_started + cfg.handshake_timeout_s
+        peer.next_retry = min(now + peer.retry_delay + jitter, give_up_at)
         peer.retry_delay = min(peer.retry_delay * 2, cfg.handshake_retry_max_s)
         self._stats["handshake.initiated"] += 1
         self._transmit(peer, peer.cookies.add_macs(body, now), now)
@@ -678,6 +686,13 @@ class LinkEndpoint:
                 handshake_rtt=rtt,
             )
         )
+
+    def _remember_timestamp(self, static_key: bytes, timestamp_ns: int) -> None:
+        seen = self._seen_timestamps
+        seen[static_key] = timestamp_ns
+        seen.move_to_end(static_key)
+        while len(seen) > self.config.max_peers * 4:
+            seen.popitem(last=False)
 
     def _set_identity(self, peer: Peer, identity_key: bytes) -> None:
         if peer.identity_key != identity_key:

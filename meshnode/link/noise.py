@@ -10,10 +10,12 @@ Not here: message framing, MACs, cookies, timers, identity checks (see endpoint.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from noise.connection import Keypair, NoiseConnection
 
+from meshnode import crypto
 from meshnode.errors import HandshakeError, LocalProtocolError
 from meshnode.link.constants import KEY_BYTES, PROLOGUE, PROTOCOL_NAME
 
@@ -35,9 +37,17 @@ def _connection(local_static_private: bytes, ephemeral_private: bytes | None) ->
     conn.set_prologue(PROLOGUE)
     conn.set_keypair_from_private_bytes(Keypair.STATIC, local_static_private)
     if ephemeral_private is not None:
-        # Only test vectors pin the ephemeral key; otherwise the library draws a fresh one.
         conn.set_keypair_from_private_bytes(Keypair.EPHEMERAL, ephemeral_private)
     return conn
+
+
+def _start(conn: NoiseConnection) -> None:
+    # The library warns whenever the ephemeral key was set by the caller ("OK for
+    # testing"). The initiator does so on purpose: a fresh random key per attempt, reused
+    # only to rebuild the state of that same initiation after a forged response.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        conn.start_handshake()
 
 
 def _keys(conn: NoiseConnection) -> TransportKeys:
@@ -50,9 +60,15 @@ def _keys(conn: NoiseConnection) -> TransportKeys:
 
 
 class InitiatorHandshake:
-    """One attempt at IK as the initiator: ``write_initiation`` then ``read_response``."""
+    """One attempt at IK as the initiator: ``write_initiation`` then ``read_response``.
 
-    __slots__ = ("_conn", "_state")
+    A response that fails to verify leaves the attempt usable: the library's state is
+    spent by any read, so it is rebuilt from the same ephemeral key and payload (Noise's
+    write is deterministic given them). Otherwise anyone who sees an initiation could
+    void it with one forged response, and the genuine one would find nothing to answer.
+    """
+
+    __slots__ = ("_conn", "_ephemeral", "_local", "_payload", "_remote", "_state")
 
     def __init__(
         self,
@@ -63,17 +79,26 @@ class InitiatorHandshake:
     ) -> None:
         if len(remote_static_public) != KEY_BYTES:
             raise LocalProtocolError("remote static key must be 32 bytes")
-        self._conn = _connection(local_static_private, ephemeral_private)
-        self._conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, remote_static_public)
-        self._conn.set_as_initiator()
-        self._conn.start_handshake()
+        self._local = local_static_private
+        self._remote = remote_static_public
+        self._ephemeral = ephemeral_private or crypto.x25519_generate_private()
+        self._payload = b""
+        self._conn = self._fresh()
         self._state = "start"
+
+    def _fresh(self) -> NoiseConnection:
+        conn = _connection(self._local, self._ephemeral)
+        conn.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, self._remote)
+        conn.set_as_initiator()
+        _start(conn)
+        return conn
 
     def write_initiation(self, payload: bytes) -> bytes:
         """Noise message 1 (e, es, s, ss) carrying ``payload``."""
         if self._state != "start":
             raise LocalProtocolError("initiation already written")
         self._state = "sent"
+        self._payload = payload
         try:
             return bytes(self._conn.write_message(payload))
         except Exception as exc:  # e.g. a low-order remote key fails the DH
@@ -86,6 +111,8 @@ class InitiatorHandshake:
         try:
             payload = bytes(self._conn.read_message(message))
         except Exception as exc:
+            self._conn = self._fresh()
+            self._conn.write_message(self._payload)
             raise HandshakeError("handshake response did not verify") from exc
         self._state = "done"
         return payload, _keys(self._conn)
@@ -101,7 +128,7 @@ class ResponderHandshake:
     ) -> None:
         self._conn = _connection(local_static_private, ephemeral_private)
         self._conn.set_as_responder()
-        self._conn.start_handshake()
+        _start(self._conn)
         self._remote_static = b""
         self._state = "start"
 

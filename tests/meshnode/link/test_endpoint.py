@@ -416,3 +416,47 @@ def test_low_order_static_key_refused_before_any_dh():
     )
     with pytest.raises(HandshakeError):
         noise.write_initiation(bytes(C.INITIATION_PAYLOAD_BYTES))
+
+
+def test_forged_response_does_not_void_the_handshake():
+    net, a, b = pair()
+    a.endpoint.connect(b.key, b.addr, net.now)
+    net.collect()
+    [(init, _, _)] = net.in_flight
+    sender_index = int.from_bytes(init[1:5], "big")
+    # An on-path attacker who saw the initiation answers first with junk that passes
+    # mac1 (it knows Alice's public key).
+    from meshnode.link import messages as M
+
+    body = M.encode_response_body(7, sender_index, bytes(C.NOISE_RESPONSE_BYTES))
+    forged = a.endpoint.peer_info(b.key).cookies.__class__(a.key).add_macs(body, net.now)
+    a.endpoint.receive_datagram(forged, b.addr, net.now)
+    assert a.endpoint.stats["drop.bad_handshake"] == 1
+    net.run()  # the genuine response still completes the handshake
+    assert net.events(a, SessionEstablished)
+
+
+def test_give_up_exactly_at_handshake_timeout():
+    cfg = LinkConfig(handshake_timeout_s=7.0)
+    net, a, b = pair(cfg)
+    net.drop = lambda data, src, dst: dst == b.addr
+    start = net.now
+    a.endpoint.connect(b.key, b.addr, net.now)
+    while not net.events(a, PeerUnreachable):
+        net.advance(0.05, step=0.05)
+    assert net.now - start == pytest.approx(7.0, abs=0.06)
+
+
+def test_replayed_initiation_refused_after_peer_forgotten():
+    cfg = LinkConfig(idle_timeout_s=30.0)
+    net, a, b = pair(cfg)
+    a.endpoint.connect(b.key, b.addr, net.now)
+    net.collect()
+    [(init, src, _)] = net.in_flight
+    net.run()
+    net.drop = lambda *args: True
+    net.advance(40.0, step=5.0)
+    assert b.endpoint.peer_count == 0
+    b.endpoint.receive_datagram(init, src, net.now)
+    assert b.endpoint.stats["drop.replayed_initiation"] == 1
+    assert b.endpoint.peer_count == 0 and not b.endpoint.datagrams_to_send()
