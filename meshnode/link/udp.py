@@ -182,6 +182,13 @@ class LinkService(asyncio.DatagramProtocol):
         finally:
             self._pong_waiters.pop(seq, None)
 
+    def get_write_buffer_size(self) -> int:
+        """Bytes asyncio holds unsent because the kernel buffer is full (back-pressure)."""
+        if self._transport is None or self._closed:
+            return 0
+        size: int = self._transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        return size
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()

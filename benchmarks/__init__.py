@@ -1,0 +1,1 @@
+"""Benchmarks for meshnode (run as modules: ``python -m benchmarks.bench_link``)."""
