@@ -13,11 +13,17 @@ all traffic on 127.0.0.0/8:
    a. plain UDP written like the link driver (asyncio ``DatagramProtocol``, ``max_size``
       2 KiB, 4 MiB ``SO_RCVBUF``; the sender calls ``transport.sendto`` in bursts and
       yields to the loop after each burst);
-   b. two ``LinkService`` endpoints: the sender handshakes, then calls
+   b. plain UDP with batched reads, the I/O technique the link driver is moving to: the
+      same non-blocking socket (4 MiB ``SO_RCVBUF``) registered with ``loop.add_reader``,
+      whose callback calls ``sock.recvfrom(2048)`` up to 64 times (until
+      ``BlockingIOError``), counting datagrams; the same sender as (a);
+   c. two ``LinkService`` endpoints: the sender handshakes, then calls
       ``service.send(peer, KIND_BENCH, payload)`` in the same bursts; the receiver counts
       ``FrameReceived`` through ``service.register``.
    Rates are counted in a window after a warm-up (snapshots of both processes' counters);
-   loss is exact over the whole run (the receiver drains before it reports).
+   loss is exact over the whole run (the receiver drains before it reports). The ratio
+   encrypted/plain is reported against both baselines; the 70% target is judged against
+   the stronger (higher-rate) one.
 2. Handshakes/s a responder ``LinkService`` completes (rate limiter set out of the way):
    an initiator process drives sans-IO ``LinkEndpoint`` objects over a raw socket, a
    window of handshakes in flight. Also the responder's CPU time per handshake, so its
@@ -66,6 +72,7 @@ RESPONDER_HOST = "127.23.0.1"
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024  # as meshnode.link.udp asks for
 RECV_MAX_SIZE = 2048  # asyncio's per-recvfrom size; the link driver uses 1,453
+RECV_BATCH = 64  # datagrams the batched baseline reads per wakeup, as the link driver will
 WRITE_BUFFER_LIMIT = 256 * 1024  # a sender waits when asyncio had to buffer this much
 DRAIN_S = 0.3  # after the sender stops, time the receiver gets to empty its socket
 READY_TIMEOUT_S = 60.0
@@ -250,6 +257,43 @@ async def _role_udp_rx(conn: Conn, p: dict[str, Any]) -> None:
         await _serve(conn, snap, stop, p["max_s"])
     finally:
         transport.close()
+
+
+async def _role_udp_rx_batched(conn: Conn, p: dict[str, Any]) -> None:
+    """Plain UDP receiver reading like the link driver will: ``loop.add_reader`` on the
+    non-blocking socket, up to ``RECV_BATCH`` ``recvfrom`` calls per wakeup."""
+    loop = asyncio.get_running_loop()
+    sock = _udp_socket(p["host"])
+    rcvbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    fd = sock.fileno()
+    recvfrom = sock.recvfrom
+    state = {"count": 0}
+
+    def readable() -> None:
+        n = 0
+        for _ in range(RECV_BATCH):
+            try:
+                recvfrom(RECV_MAX_SIZE)
+            except BlockingIOError:
+                break
+            n += 1
+        state["count"] += n
+
+    loop.add_reader(fd, readable)
+    try:
+        conn.send(("ready", {"addr": sock.getsockname(), "rcvbuf": rcvbuf}))
+
+        def snap() -> Snap:
+            return _snap(count=state["count"])
+
+        async def stop() -> Snap:
+            return snap()
+
+        await _serve(conn, snap, stop, p["max_s"])
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_reader(fd)
+        sock.close()
 
 
 async def _role_link_rx(conn: Conn, p: dict[str, Any]) -> None:
@@ -519,6 +563,7 @@ def _readable(sock: socket.socket, timeout: float) -> bool:
 
 ASYNC_ROLES: dict[str, Callable[[Conn, dict[str, Any]], Coroutine[Any, Any, None]]] = {
     "udp_rx": _role_udp_rx,
+    "udp_rx_batched": _role_udp_rx_batched,
     "udp_tx": _role_udp_tx,
     "link_rx": _role_link_rx,
     "link_tx": _role_link_tx,
@@ -622,9 +667,16 @@ def _get(snap: Snap, key: str) -> float:
     return float(snap[key])
 
 
+THROUGHPUT_ROLES = {
+    "plain": ("udp_rx", "udp_tx"),
+    "batched": ("udp_rx_batched", "udp_tx"),
+    "link": ("link_rx", "link_tx"),
+}
+
+
 def run_throughput(kind: str, plan: Plan, profile: str | None = None) -> dict[str, Any]:
-    """One sender/receiver run; ``kind`` is 'plain' or 'link'."""
-    rx_role, tx_role = ("udp_rx", "udp_tx") if kind == "plain" else ("link_rx", "link_tx")
+    """One sender/receiver run; ``kind`` is 'plain', 'batched' or 'link'."""
+    rx_role, tx_role = THROUGHPUT_ROLES[kind]
     total_s = plan.warmup_s + plan.duration_s
     with Children() as children:
         rx = children.start(
@@ -770,18 +822,26 @@ def _describe(name: str, r: dict[str, Any]) -> str:
 
 
 def run_all(plan: Plan, profile: str | None) -> dict[str, Any]:
-    plain_runs: list[dict[str, Any]] = []
-    link_runs: list[dict[str, Any]] = []
+    names = {
+        "plain": "plain UDP (asyncio)",
+        "batched": "plain UDP, batched reads",
+        "link": "encrypted link",
+    }
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in names}
     for i in range(plan.repeats):
         # Interleaved, so a slow spell of the machine does not hit one side only.
-        _progress(f"plain UDP run {i + 1}/{plan.repeats} ({plan.duration_s:g} s)")
-        plain_runs.append(run_throughput("plain", plan))
-        _progress("  " + _describe("plain UDP", plain_runs[-1]))
-        _progress(f"encrypted link run {i + 1}/{plan.repeats} ({plan.duration_s:g} s)")
-        link_runs.append(run_throughput("link", plan))
-        _progress("  " + _describe("encrypted link", link_runs[-1]))
-    baseline, encrypted = _best(plain_runs), _best(link_runs)
-    ratio = encrypted["rx_per_s"] / baseline["rx_per_s"] if baseline["rx_per_s"] else 0.0
+        for kind, name in names.items():
+            _progress(f"{name} run {i + 1}/{plan.repeats} ({plan.duration_s:g} s)")
+            runs[kind].append(run_throughput(kind, plan))
+            _progress("  " + _describe(name, runs[kind][-1]))
+    baseline, batched = _best(runs["plain"]), _best(runs["batched"])
+    encrypted = _best(runs["link"])
+
+    def ratio_to(base: dict[str, Any]) -> float:
+        return encrypted["rx_per_s"] / base["rx_per_s"] if base["rx_per_s"] > 0 else 0.0
+
+    stronger = "baseline_batched" if batched["rx_per_s"] > baseline["rx_per_s"] else "baseline"
+    ratio = ratio_to(batched if stronger == "baseline_batched" else baseline)
 
     _progress(f"handshakes ({plan.hs_duration_s:g} s, {plan.window} in flight)")
     handshakes = run_handshakes(plan, cookie_path=False)
@@ -816,8 +876,13 @@ def run_all(plan: Plan, profile: str | None) -> dict[str, Any]:
             "initiator_pool": plan.pool,
         },
         "baseline": baseline,
+        "baseline_batched": batched,
         "encrypted": encrypted,
+        # encrypted / max(baseline, baseline_batched): the target is judged on this one.
         "ratio": ratio,
+        "ratio_asyncio": ratio_to(baseline),
+        "ratio_batched": ratio_to(batched),
+        "stronger_baseline": stronger,
         "target_ratio": TARGET_RATIO,
         "meets_target": ratio >= TARGET_RATIO,
         "handshakes": handshakes,
@@ -842,6 +907,7 @@ def format_table(res: dict[str, Any]) -> str:
     ]
     for name, key in (
         ("plain UDP (baseline)", "baseline"),
+        ("plain UDP, batched reads", "baseline_batched"),
         ("encrypted link (Noise/ChaCha)", "encrypted"),
     ):
         r = res[key]
@@ -851,10 +917,15 @@ def format_table(res: dict[str, Any]) -> str:
             f"{r['tx_cpu_us_per_datagram']:>8.1f}"
         )
     verdict = "PASS" if res["meets_target"] else "BELOW TARGET"
-    lines.append(
-        f"{'ratio encrypted/plain':<{w}}{res['ratio']:>12.1%}   "
-        f"(target >= {res['target_ratio']:.0%}: {verdict})"
-    )
+    for name, key, base in (
+        ("ratio vs asyncio baseline", "ratio_asyncio", "baseline"),
+        ("ratio vs batched baseline", "ratio_batched", "baseline_batched"),
+    ):
+        if base == res["stronger_baseline"]:
+            note = f"stronger baseline: target >= {res['target_ratio']:.0%} judged here: {verdict}"
+        else:
+            note = "weaker baseline: not judged"
+        lines.append(f"{name:<{w}}{res[key]:>12.1%}   ({note})")
     h = res["handshakes"]
     lines.append(
         f"{'handshakes/s (responder)':<{w}}{h['responder_per_s']:>12,.0f}   "
@@ -870,6 +941,10 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(
         "(rx us / tx us: CPU microseconds per datagram of the receiving / sending process; "
         "sent/s: sender's rate)"
+    )
+    lines.append(
+        "(ratios: encrypted received/s over each baseline's; the target is judged against "
+        "the stronger, higher-rate baseline)"
     )
     return "\n".join(lines)
 
