@@ -203,18 +203,10 @@ async def _serve(
 
 def _udp_socket(host: str) -> socket.socket:
     """A non-blocking UDP socket on ``host`` with 4 MiB buffers, like the link driver's."""
+    from meshnode.link.udp import set_buffer_sizes
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for opt, force in (
-        (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
-        (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None)),
-    ):
-        try:
-            if force is None:
-                raise OSError
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
-        except OSError:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+    set_buffer_sizes(sock, SOCKET_BUFFER_BYTES, SOCKET_BUFFER_BYTES)
     sock.bind((host, 0))
     sock.setblocking(False)
     return sock
@@ -922,7 +914,7 @@ def format_table(res: dict[str, Any]) -> str:
         ("ratio vs batched baseline", "ratio_batched", "baseline_batched"),
     ):
         if base == res["stronger_baseline"]:
-            note = f"stronger baseline: target >= {res['target_ratio']:.0%} judged here: {verdict}"
+            note = f"stronger baseline; target >= {res['target_ratio']:.0%}: {verdict}"
         else:
             note = "weaker baseline: not judged"
         lines.append(f"{name:<{w}}{res[key]:>12.1%}   ({note})")

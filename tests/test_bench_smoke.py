@@ -25,8 +25,11 @@ def test_bench_link_quick_json() -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout)
     assert result["baseline"]["rx_per_s"] > 0
+    assert result["baseline_batched"]["rx_per_s"] > 0
     assert result["encrypted"]["rx_per_s"] > 0
     assert result["ratio"] > 0
+    assert result["ratio_asyncio"] > 0
+    assert result["ratio_batched"] > 0
     assert result["handshakes"]["responder_per_s"] > 0
     assert result["handshakes"]["initiator_per_s"] > 0
     assert result["cookie_path"]["cookie_replies_per_s"] > 0
