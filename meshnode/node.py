@@ -113,11 +113,14 @@ class Node:
 
     def _on_link_event(self, event: LinkEvent) -> None:
         if isinstance(event, SessionEstablished) and not event.rekey:
+            # Peer addresses are personal data on a relay: info logs carry the node id only.
             log.info(
-                "link.peer_connected",
+                "link.peer_connected", node_id=b32encode(event.node_id), initiator=event.initiator
+            )
+            log.debug(
+                "link.peer_address",
                 node_id=b32encode(event.node_id),
                 addr=format_hostport(*event.addr),
-                initiator=event.initiator,
             )
         elif isinstance(event, SessionClosed):
             log.info("link.peer_closed", peer=b32encode(event.peer)[:12], reason=event.reason)

@@ -204,3 +204,14 @@ def test_garbage_flood_then_handshake_and_ping(start_node):
     for reason in ("drop_bad_length", "drop_bad_mac1", "drop_unknown_index"):
         assert drops.get(reason, 0) > 0, drops
     assert not any(ln.get("level") in ("error", "critical") for ln in logs)
+
+
+def test_info_logs_carry_no_peer_addresses(start_node):
+    node = start_node("a")
+    res = cli("ping", "-c", "1", node.contact)
+    assert res.returncode == 0, res.stdout + res.stderr
+    logs = node.stop()
+    assert any(line["event"] == "link.peer_connected" for line in logs)
+    for line in logs:
+        if line.get("level") != "debug":
+            assert "127.0.0.1" not in json.dumps(line), line  # the pinger's address
