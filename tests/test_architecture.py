@@ -95,6 +95,7 @@ ADAPTERS: dict[str, frozenset[str]] = {
     "noise": frozenset({"meshnode.link.noise"}),
     "kademlia": frozenset({"discovery.dht"}),
     "rpcudp": frozenset({"discovery.dht"}),
+    "cbor2": frozenset({"discovery.descriptor"}),
 }
 
 
