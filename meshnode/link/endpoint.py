@@ -287,8 +287,10 @@ class LinkEndpoint:
             stats["rx.ping"] += 1
             self._send_frame(peer.static_key, bytes((C.KIND_PONG,)) + plaintext[1:], now)
         elif kind == C.KIND_PONG:
-            sent = peer.pings.pop(int.from_bytes(plaintext[1:9], "big"), None)
-            if sent is None or len(plaintext) != 9:
+            sent = None
+            if len(plaintext) == 9:
+                sent = peer.pings.pop(int.from_bytes(plaintext[1:9], "big"), None)
+            if sent is None:
                 stats["drop.unexpected_pong"] += 1
                 return
             self._events.append(
