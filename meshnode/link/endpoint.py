@@ -495,6 +495,15 @@ class LinkEndpoint:
             if cfg.persistent_keepalive_s and now - peer.last_sent >= cfg.persistent_keepalive_s:
                 self._seal(peer, current, b"", now)
                 self._stats["tx.keepalive"] += 1
+            # Keepalives go through the same rekey rule as data (WireGuard's send path), so a
+            # link kept up by keepalives alone does not die when its keys reach reject age.
+            if (
+                peer.attempt_started is None
+                and peer.last_sent == now
+                and self._wants_rekey(current, now)
+            ):
+                self._stats["handshake.rekey"] += 1
+                self._initiate(peer, now)
             # Dead peer: we sent data and heard nothing back for keepalive + rekey timeout.
             if (
                 peer.awaiting_reply_since is not None

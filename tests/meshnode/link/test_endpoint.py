@@ -460,3 +460,16 @@ def test_replayed_initiation_refused_after_peer_forgotten():
     b.endpoint.receive_datagram(init, src, net.now)
     assert b.endpoint.stats["drop.replayed_initiation"] == 1
     assert b.endpoint.peer_count == 0 and not b.endpoint.datagrams_to_send()
+
+
+def test_persistent_keepalive_keeps_an_idle_link_alive_across_rekeys():
+    cfg = LinkConfig(
+        rekey_after_s=30.0, reject_after_s=45.0, idle_timeout_s=60.0, persistent_keepalive_s=5.0
+    )
+    net, a, b = connected(cfg)
+    net.advance(200.0, step=1.0)  # no frames at all, only keepalives
+    assert not net.events(a, SessionClosed) and not net.events(b, SessionClosed)
+    assert a.endpoint.stats["handshake.rekey"] >= 3
+    a.endpoint.send(b.key, KIND, b"still up", net.now)
+    net.run()
+    assert frames(b) == [b"still up"]
