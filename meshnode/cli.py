@@ -133,15 +133,12 @@ def load_node_config(
 
 def contact_for(identity: Identity, node_config: NodeConfig) -> tuple[Contact, str | None]:
     """Our contact string, and a note for the operator when it is only a loopback guess."""
-    address = node_config.public_address()
+    address, guessed = node_config.contact_address()
     note = None
-    if address is None:
-        host, port = node_config.listen
-        loopback = "::1" if ":" in host else "127.0.0.1"
-        address = (loopback, port)
+    if guessed:
         note = (
-            f"node.listen is the wildcard {format_hostport(host, port)}, so this contact uses "
-            f"{loopback} and works only on this machine; set node.advertise in "
+            f"node.listen is the wildcard {format_hostport(*node_config.listen)}, so this "
+            f"contact uses {address[0]} and works only on this machine; set node.advertise in "
             f"{node_config.home / CONFIG_FILE} to the address other nodes reach you at"
         )
     return Contact(host=address[0], port=address[1], static_key=identity.link_public), note

@@ -102,6 +102,20 @@ class NodeConfig:
             return None
         return self.listen
 
+    def contact_address(self, bound: tuple[str, int] | None = None) -> tuple[tuple[str, int], bool]:
+        """The address to put in our contact string, and whether it is a loopback guess.
+
+        ``advertise`` if set; else ``listen``, or ``bound`` (the socket's real address,
+        which knows the port when listen asked for 0) when given. A wildcard host becomes
+        loopback, which works only on this machine: the second value says so.
+        """
+        if self.advertise is not None:
+            return self.advertise, False
+        host, port = bound if bound is not None else self.listen
+        if is_wildcard(host):
+            return ("::1" if ":" in host else "127.0.0.1", port), True
+        return (host, port), False
+
 
 def is_wildcard(host: str) -> bool:
     """True for the unspecified addresses (``0.0.0.0``, ``::``), which bind everything."""

@@ -45,12 +45,7 @@ class Node:
     @property
     def contact(self) -> Contact:
         """Our contact: node.advertise, else the bound listen address (loopback for wildcards)."""
-        address = self.config.public_address()
-        if address is None:
-            host, port = self.link_addr()
-            address = ("::1" if ":" in host else "127.0.0.1", port)
-        elif self.config.advertise is None:
-            address = self.link_addr()  # the real port when listen asked for port 0
+        address, _ = self.config.contact_address(bound=self.link_addr())
         return Contact(host=address[0], port=address[1], static_key=self.identity.link_public)
 
     def stop(self) -> None:

@@ -247,3 +247,12 @@ def test_public_address(tmp_path: Path) -> None:
     assert local.public_address() == ("127.0.0.5", 1)
     advertised = NodeConfig(home=tmp_path, advertise=("203.0.113.7", 2))
     assert advertised.public_address() == ("203.0.113.7", 2)
+
+
+def test_contact_address(tmp_path: Path) -> None:
+    assert NodeConfig(home=tmp_path).contact_address() == (("127.0.0.1", 7520), True)
+    assert NodeConfig(home=tmp_path, listen=("::", 9)).contact_address() == (("::1", 9), True)
+    local = NodeConfig(home=tmp_path, listen=("127.0.0.5", 0))
+    assert local.contact_address(bound=("127.0.0.5", 4242)) == (("127.0.0.5", 4242), False)
+    advertised = NodeConfig(home=tmp_path, advertise=("203.0.113.7", 2))
+    assert advertised.contact_address(bound=("0.0.0.0", 5)) == (("203.0.113.7", 2), False)
