@@ -52,7 +52,7 @@ def fixed_random(n: int) -> bytes:
     return {len(COOKIE_SECRET): COOKIE_SECRET, len(COOKIE_NONCE): COOKIE_NONCE}[n]
 
 
-def _identity_outputs(ident: Identity) -> dict[str, str]:
+def identity_outputs(ident: Identity) -> dict[str, str]:
     return {
         "identity_public": ident.identity_public.hex(),
         "identity_public_b32": b32encode(ident.identity_public),
@@ -139,14 +139,14 @@ def build() -> dict[str, Any]:
                 "contact_host": CONTACT_HOST,
                 "contact_port": CONTACT_PORT,
             },
-            "outputs": {**_identity_outputs(initiator), "contact": str(contact)},
+            "outputs": {**identity_outputs(initiator), "contact": str(contact)},
         },
         "responder_identity": {
             "inputs": {
                 "identity_seed": RESPONDER_IDENTITY_SEED.hex(),
                 "link_private": RESPONDER_LINK_PRIVATE.hex(),
             },
-            "outputs": _identity_outputs(responder),
+            "outputs": identity_outputs(responder),
         },
         "initiation": {
             "inputs": {

@@ -23,13 +23,14 @@ import pytest
 
 from meshnode import crypto
 from meshnode.contact import Contact
-from meshnode.identity import Identity, b32encode, link_cert_message, verify_link_binding
+from meshnode.identity import Identity, verify_link_binding
 from meshnode.link import constants as C
 from meshnode.link import cookie, messages, noise
 from meshnode.link import endpoint as endpoint_module
 from meshnode.link.config import LinkConfig
 from meshnode.link.endpoint import LinkEndpoint
 from meshnode.link.events import FrameReceived, LinkEvent, SessionEstablished
+from tests.vectors.make_link_vectors import identity_outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:One of ephemeral keypairs:UserWarning")
 
@@ -62,19 +63,6 @@ def responder_identity() -> Identity:
 def blake2b(data: bytes, *, size: int, key: bytes = b"", person: bytes = b"") -> bytes:
     """Straight from hashlib, not through meshnode.crypto."""
     return hashlib.blake2b(data, digest_size=size, key=key, person=person).digest()
-
-
-def identity_outputs(ident: Identity) -> dict[str, str]:
-    return {
-        "identity_public": ident.identity_public.hex(),
-        "identity_public_b32": b32encode(ident.identity_public),
-        "node_id": ident.node_id.hex(),
-        "node_id_b32": b32encode(ident.node_id),
-        "link_public": ident.link_public.hex(),
-        "link_public_b32": b32encode(ident.link_public),
-        "link_cert_message": link_cert_message(ident.link_public).hex(),
-        "link_signature": ident.link_signature.hex(),
-    }
 
 
 # --- Recomputing the vectors from their inputs ----------------------------------------
