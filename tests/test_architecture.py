@@ -95,6 +95,8 @@ ADAPTERS: dict[str, frozenset[str]] = {
     "noise": frozenset({"meshnode.link.noise"}),
     "kademlia": frozenset({"discovery.dht"}),
     "rpcudp": frozenset({"discovery.dht"}),
+    "umsgpack": frozenset({"discovery.rpc"}),
+    "aiohttp": frozenset({"meshnode.control"}),
     "cbor2": frozenset({"discovery.descriptor"}),
 }
 
