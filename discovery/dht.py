@@ -178,7 +178,7 @@ class _Crawl(SpiderCrawl):  # type: ignore[misc]
         return await super()._find(rpcmethod)
 
     async def _give_up(self) -> Any:
-        return list(self.nearest)
+        return [n for n in self.nearest if n.id in self.nearest.contacted]
 
     def _push(self, contacts: Iterable[DhtContact]) -> None:
         me = self.protocol.source_node.id
@@ -465,6 +465,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             result = decode_response(pending.method, body)
         except RpcError as exc:
             self._drop(exc.reason)
+            self._finish(msg_id, (False, None))
+            return
+        if pending.method == "ping" and result != node_id:
+            # A ping answers with the responder's id: it must be the one its link proved.
+            self._drop("id_mismatch")
             self._finish(msg_id, (False, None))
             return
         self.stats[f"dht.rpc.ok.{pending.method}"] += 1

@@ -158,7 +158,16 @@ class DhtContact:
             address = ipaddress.ip_address(host)
         except ValueError:
             raise RpcError("bad_response", "contact host must be an IP address") from None
-        if address.is_multicast or address.is_unspecified:
+        if (
+            address.is_multicast
+            or address.is_unspecified
+            or address == ipaddress.IPv4Address("255.255.255.255")
+            or (
+                isinstance(address, ipaddress.IPv6Address)
+                and (address.scope_id is not None or address.ipv4_mapped is not None)
+            )
+        ):
+            # The same rule as descriptor addresses: one spelling, unicast, no zone ids.
             raise RpcError("bad_response", "contact host must be a unicast address")
         if type(port) is not int or not 0 < port <= 65535:
             raise RpcError("bad_response", "contact port must be 1..65535")

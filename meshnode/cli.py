@@ -1,7 +1,8 @@
 """The ``meshnode`` command line (click): parse flags, build the config, call the packages.
 
 Commands: ``init`` (create an identity and config.toml), ``id`` (show node id and contact
-string). Node commands (``run``, ``ping``, ``demo``) are added at the end of this file.
+string). Node commands (``run``, ``ping``, ``demo``) are added at the end of this file;
+``peers`` and ``lookup`` ask a running node through its control API (meshnode/control.py).
 
 Exit codes (also in ``meshnode --help``):
 
@@ -20,11 +21,13 @@ Not here: protocol logic or validation rules (config.py validates; node.py runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,10 +35,19 @@ from typing import Any, TypeVar
 import click
 
 from meshnode import __version__
-from meshnode.config import CONFIG_FILE, NodeConfig, Role, default_config_text, load_config
+from meshnode.config import (
+    CONFIG_FILE,
+    NodeConfig,
+    Role,
+    default_config_text,
+    load_config,
+    normalize_country,
+    normalize_region,
+)
 from meshnode.contact import Contact, format_hostport
+from meshnode.control import ControlError, ControlNotRunningError, control_get, parse_node_id
 from meshnode.demo import run_demo
-from meshnode.errors import ConfigError, ContactError, IdentityError, MeshError
+from meshnode.errors import ConfigError, ContactError, DecodeError, IdentityError, MeshError
 from meshnode.identity import (
     Identity,
     b32encode,
@@ -311,6 +323,26 @@ def id_command(state: CliState, home: Path, as_json: bool) -> None:
     help="A node to connect to at start (HOST:PORT#KEY); repeatable, adds to node.bootstrap.",
 )
 @click.option(
+    "--region",
+    metavar="REGION",
+    help='Region published in our descriptor, e.g. "EU" (overrides node.region).',
+)
+@click.option(
+    "--country",
+    metavar="CC",
+    help='ISO 3166-1 alpha-2 country published in our descriptor, e.g. "DE" (node.country).',
+)
+@click.option(
+    "--operator",
+    metavar="NAME",
+    help="Who runs this node, published in our descriptor (overrides node.operator).",
+)
+@click.option(
+    "--operator-contact",
+    metavar="CONTACT",
+    help="How to reach the operator, e.g. an e-mail address (node.operator_contact).",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -324,6 +356,10 @@ def run(
     advertise: str | None,
     role: str | None,
     bootstraps: tuple[str, ...],
+    region: str | None,
+    country: str | None,
+    operator: str | None,
+    operator_contact: str | None,
     config_path: Path | None,
 ) -> None:
     """Run a node until Ctrl-C or SIGTERM.
@@ -338,10 +374,15 @@ def run(
     On exit it logs its link counters (node.stopped): traffic, handshakes, and every
     dropped datagram by reason.
 
+    While it runs, `meshnode peers` and `meshnode lookup` (same --home) ask it
+    questions through its local control API ([control] in config.toml).
+
     \b
     Examples:
       meshnode run --listen 127.10.0.1:7520
       meshnode run --listen [::]:7520 --role relay --bootstrap 203.0.113.5:7520#KEY
+      meshnode run --role exit --region EU --country DE \\
+          --operator "Example Networks" --operator-contact noc@example.org
       meshnode --log-format json run
     """
     identity = load_identity(home)
@@ -349,6 +390,10 @@ def run(
         "node.listen": listen,
         "node.advertise": advertise,
         "node.role": role,
+        "node.region": region,
+        "node.country": country,
+        "node.operator": operator,
+        "node.operator_contact": operator_contact,
     }
     node_config = load_node_config(state, home, config=config_path, overrides=overrides)
     if bootstraps:
@@ -455,3 +500,240 @@ def demo() -> None:
     configure_logging(level="warning")
     if not asyncio.run(run_demo()):
         sys.exit(EXIT_FAILURE)
+
+
+# --- Control API commands -----------------------------------------------------------------
+# `peers` and `lookup` ask the node running with the same --home, through the control API
+# (HOME/control.json + HOME/control.token). Formatting for people lives here; the API
+# (meshnode/control.py) speaks JSON only.
+
+
+def _ask_node(
+    home: Path, path: str, params: Mapping[str, str] | None = None, *, timeout: float = 10.0
+) -> object:
+    try:
+        return asyncio.run(control_get(home, path, params, timeout=timeout))
+    except ControlNotRunningError as exc:
+        # Perhaps a node runs there with the control API turned off: say so too.
+        enabled = True
+        with contextlib.suppress(MeshError):
+            enabled = load_config(home).control.enabled
+        if enabled:
+            raise
+        raise ControlNotRunningError(
+            f"{exc}; note that {home / CONFIG_FILE} turns the control API off "
+            "([control] enabled = false), so `peers` and `lookup` cannot reach its node"
+        ) from None
+
+
+def _user_text(normalize: Callable[[str], str]) -> Callable[..., str | None]:
+    """A click callback: ``normalize`` the value (None passes), errors as usage errors."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return normalize(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def format_age(seconds: float) -> str:
+    """A short age for tables: ``"42s"``, ``"5m"``, ``"2h"``, ``"3d"`` (negative: ``"0s"``)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h"
+    return f"{s // 86400}d"
+
+
+def format_bps(bps: int) -> str:
+    """``100000000`` -> ``"100 Mbit/s"``; 0 -> ``"unknown"``."""
+    if bps <= 0:
+        return "unknown"
+    value = float(bps)
+    for unit in ("bit/s", "kbit/s", "Mbit/s", "Gbit/s"):
+        if value < 1000:
+            return f"{value:.3g} {unit}"
+        value /= 1000
+    return f"{value:.3g} Tbit/s"
+
+
+def _place(peer: Mapping[str, Any]) -> str:
+    region, country = peer.get("region") or "", peer.get("country") or ""
+    if not region and not country:
+        return "-"
+    return f"{region or '-'}/{country or '-'}"
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_peers_table(peers: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lines `meshnode peers` prints: an aligned table (no count line)."""
+    header = ("NODE ID", "ROLES", "REGION/CC", "OPERATOR", "ADDRESSES", "AGE")
+    rows = [header]
+    for peer in peers:
+        operator = peer.get("operator") or {}
+        rows.append(
+            (
+                str(peer.get("node_id", "?"))[:16],
+                ",".join(peer.get("roles") or []) or "-",
+                _place(peer),
+                _short(str(operator.get("name") or "-"), 24),
+                ",".join(peer.get("addresses") or []) or "-",
+                format_age(float(peer.get("age_s", 0))),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def _filters_text(params: Mapping[str, str]) -> str:
+    return ", ".join(f"{name}={value or '(none)'}" for name, value in params.items())
+
+
+@main.command()
+@home_option
+@click.option(
+    "--role",
+    type=click.Choice(["relay", "exit"], case_sensitive=False),
+    help="Only nodes offering this role.",
+)
+@click.option(
+    "--region",
+    metavar="REGION",
+    callback=_user_text(normalize_region),
+    help='Only nodes in this region, e.g. "EU" (any case).',
+)
+@click.option(
+    "--country",
+    metavar="CC",
+    callback=_user_text(normalize_country),
+    help='Only nodes in this country (ISO 3166-1 alpha-2, e.g. "DE"; any case).',
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON list of peers instead.")
+def peers(
+    home: Path, role: str | None, region: str | None, country: str | None, as_json: bool
+) -> None:
+    """List the nodes the running node knows (its directory of verified descriptors).
+
+    Asks the node started with `meshnode run` and the same --home, through its local
+    control API. Filters combine (all must match). AGE is the time since the node
+    published its descriptor; the node id is shortened to 16 characters (--json, or
+    `meshnode lookup`, shows all of it).
+
+    \b
+    Examples:
+      meshnode peers
+      meshnode peers --role exit --country de
+      meshnode peers --region EU --json | jq -r '.[].node_id'
+    """
+    params = {
+        name: value
+        for name, value in (("role", role), ("region", region), ("country", country))
+        if value is not None
+    }
+    found = _ask_node(home, "/v1/peers", params)
+    if not isinstance(found, list):
+        raise ControlError("the node's answer is not a list of peers (is it another version?)")
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    if not found:
+        click.echo(f"no peers match {_filters_text(params)}" if params else "no peers known yet")
+        return
+    for line in format_peers_table(found):
+        click.echo(line)
+    count = f"{len(found)} peer{'s' if len(found) != 1 else ''}"
+    click.echo(f"{count} ({_filters_text(params)})" if params else count)
+
+
+def _utc(timestamp: object) -> str:
+    if not isinstance(timestamp, int):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def format_descriptor(record: Mapping[str, Any]) -> list[str]:
+    """The lines `meshnode lookup` prints for one descriptor (``/v1/lookup`` JSON)."""
+    operator = record.get("operator") or {}
+    policy = record.get("exit_policy") or []
+    ranges = [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in policy]
+    fields = [
+        ("node id", record.get("node_id")),
+        ("roles", ", ".join(record.get("roles") or []) or "none (a client)"),
+        ("region", record.get("region") or "-"),
+        ("country", record.get("country") or "-"),
+        ("operator", operator.get("name") or "-"),
+        ("operator contact", operator.get("contact") or "-"),
+        ("operator key", operator.get("operator_key") or "-"),
+        ("addresses", ", ".join(record.get("addresses") or [])),
+        ("exit policy", ", ".join(ranges) or "-"),
+        ("bandwidth", format_bps(int(record.get("bandwidth_bps") or 0))),
+        ("software", record.get("software") or "-"),
+        ("stake ref", record.get("stake_ref") or "-"),
+        ("identity key", record.get("identity_key")),
+        ("link key", record.get("link_key")),
+        ("onion key", record.get("onion_key")),
+        ("next onion key", record.get("next_onion_key") or "-"),
+        ("version", record.get("version")),
+        (
+            "published",
+            f"{_utc(record.get('published_at'))} ({format_age(float(record.get('age_s', 0)))} ago)",
+        ),
+        (
+            "expires",
+            f"{_utc(record.get('expires_at'))} "
+            f"(in {format_age(float(record.get('expires_in_s', 0)))})",
+        ),
+        ("signature", "verified by the node (Ed25519, identity key)"),
+    ]
+    width = max(len(name) for name, _ in fields) + 1
+    return [f"{name + ':':<{width}} {value}" for name, value in fields]
+
+
+@main.command()
+@click.argument("node_id", metavar="NODE_ID")
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON object instead.")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 600.0),
+    help="Seconds to wait for the node's answer (a DHT lookup crosses the network).",
+)
+def lookup(home: Path, node_id: str, as_json: bool, timeout: float) -> None:
+    """Fetch a node's descriptor from the DHT; the running node verifies it.
+
+    NODE_ID is a node id as `meshnode id` or `meshnode peers --json` prints it (32
+    base32 characters), or 40 hex digits. Prints every field of the descriptor. Exits 1
+    when the DHT holds no descriptor for the node (or none that verifies).
+
+    \b
+    Examples:
+      meshnode lookup 5bfqqnzyhdvvmrrwn7dyvsvanmwaiopl
+      meshnode lookup 5bfqqnzyhdvvmrrwn7dyvsvanmwaiopl --json | jq .addresses
+    """
+    try:
+        parse_node_id(node_id)
+    except DecodeError as exc:
+        raise click.BadParameter(str(exc), param_hint="NODE_ID") from None
+    record = _ask_node(home, f"/v1/lookup/{node_id.strip()}", timeout=timeout)
+    if not isinstance(record, dict):
+        raise ControlError("the node's answer is not a descriptor (is it another version?)")
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    for line in format_descriptor(record):
+        click.echo(line)

@@ -1,10 +1,14 @@
 """Node configuration: config.toml plus command-line overrides -> one frozen NodeConfig.
 
-The file has three tables::
+The file has five tables::
 
-    [node]   listen = "HOST:PORT", advertise = "HOST:PORT", role = "client", bootstrap = [...]
-    [log]    level = "info", format = "console"
-    [link]   every field of meshnode.link.config.LinkConfig, by name
+    [node]     listen = "HOST:PORT", advertise = "HOST:PORT", role = "client", bootstrap = [...],
+               region = "EU", country = "DE", operator = "...", operator_contact = "...",
+               bandwidth_bps = 0, state_dir = "state"
+    [log]      level = "info", format = "console"
+    [control]  enabled = true, listen = "127.0.0.1:0"   (loopback only)
+    [link]     every field of meshnode.link.config.LinkConfig, by name
+    [dht]      every field of discovery.dht.DhtConfig, by name
 
 Every problem (unknown table or key, wrong type, bad value, invalid TOML) is a
 :class:`~meshnode.errors.ConfigError` whose ``key`` is the dotted path (``link.max_peers``)
@@ -26,15 +30,18 @@ import itertools
 import json
 import math
 import re
+import sys
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from discovery.constants import MAX_BANDWIDTH_BPS, MAX_REGION_CHARS
+from discovery.descriptor import DescriptorError, Operator
+from discovery.dht import DhtConfig
 from meshnode.contact import Contact, format_hostport, parse_hostport
 from meshnode.errors import ConfigError, ContactError
-from meshnode.link import config as link_config_module
 from meshnode.link.config import LinkConfig
 
 CONFIG_FILE = "config.toml"
@@ -43,6 +50,13 @@ DEFAULT_PORT = 7520
 DEFAULT_LISTEN = ("0.0.0.0", DEFAULT_PORT)  # noqa: S104 - listening on all interfaces is the point
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
+DEFAULT_STATE_DIR = "state"  # relative to the node's home
+DEFAULT_CONTROL_LISTEN = ("127.0.0.1", 0)  # port 0: the OS picks one (see HOME/control.json)
+
+# The descriptor's own forms (discovery/descriptor.py checks the same on every descriptor):
+# a region is up to MAX_REGION_CHARS of A-Z 0-9 "-", a country ISO 3166-1 alpha-2.
+_REGION = re.compile(rf"[A-Z0-9-]{{0,{MAX_REGION_CHARS}}}")
+_COUNTRY = re.compile(r"([A-Z]{2})?")
 
 
 class Role(enum.Enum):
@@ -74,6 +88,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ControlConfig:
+    """The local control API (meshnode/control.py): HTTP on loopback, bearer token."""
+
+    enabled: bool = True
+    """Serve the control API; `meshnode peers` and `meshnode lookup` talk to it."""
+
+    listen: tuple[str, int] = DEFAULT_CONTROL_LISTEN
+    """(host, port) on a loopback address; port 0 lets the OS pick (see HOME/control.json)."""
+
+    def __post_init__(self) -> None:
+        host, port = self.listen
+        if not is_loopback(host):
+            raise ValueError(f"listen must be a loopback address, not {host!r}")
+        if not 0 <= port <= 65535:
+            raise ValueError("listen port must be 0 to 65535")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class NodeConfig:
     """Everything a node needs besides its identity. Build it with :func:`load_config`."""
 
@@ -90,8 +122,45 @@ class NodeConfig:
     bootstrap: tuple[Contact, ...] = ()
     """Nodes contacted first to join the mesh."""
 
+    region: str = ""
+    """Region published in our descriptor ("EU", "APAC"): see :func:`normalize_region`; "" unset."""
+
+    country: str = ""
+    """ISO 3166-1 alpha-2 country published in our descriptor ("DE"); "" unset."""
+
+    operator: str = ""
+    """Who runs the node, published in our descriptor: at most 64 bytes of UTF-8; "" unset."""
+
+    operator_contact: str = ""
+    """How to reach the operator (e-mail, URL): at most 128 bytes of UTF-8; "" unset."""
+
+    bandwidth_bps: int = 0
+    """Bandwidth offered to the mesh, bits per second, as advertised; 0 = unknown."""
+
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    """Persistent state (DHT routing table, descriptor cache). A relative path is taken
+    relative to ``home`` at construction, so the default is ``home/state``."""
+
     log: LogConfig = field(default_factory=LogConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    dht: DhtConfig = field(default_factory=DhtConfig)
+
+    def __post_init__(self) -> None:
+        # Fields load_config has already checked; checked again so that no NodeConfig
+        # can hold what a descriptor would refuse.
+        if normalize_region(self.region) != self.region:
+            raise ValueError(f"region {self.region!r} is not in normal (uppercase) form")
+        if normalize_country(self.country) != self.country:
+            raise ValueError(f"country {self.country!r} is not in normal (uppercase) form")
+        try:
+            Operator(name=self.operator, contact=self.operator_contact)
+        except DescriptorError as exc:
+            raise ValueError(exc.detail) from None
+        if type(self.bandwidth_bps) is not int or not 0 <= self.bandwidth_bps <= MAX_BANDWIDTH_BPS:
+            raise ValueError(f"bandwidth_bps must be an integer from 0 to {MAX_BANDWIDTH_BPS}")
+        if not self.state_dir.is_absolute():
+            object.__setattr__(self, "state_dir", self.home / self.state_dir)
 
     def public_address(self) -> tuple[str, int] | None:
         """Where other nodes reach us: ``advertise``, else ``listen`` unless its host is a
@@ -125,21 +194,71 @@ def is_wildcard(host: str) -> bool:
         return False
 
 
+def is_loopback(host: str) -> bool:
+    """True for loopback IP literals (``127.0.0.0/8``, ``::1``); names are never loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalize_region(text: str) -> str:
+    """A descriptor region from user text: stripped, uppercased, then up to
+    ``MAX_REGION_CHARS`` of A-Z, 0-9 and "-" (``"eu"`` -> ``"EU"``; ``""`` = unset).
+
+    Raises ValueError with a message for the user otherwise.
+    """
+    region = text.strip().upper() if text.isascii() else text
+    if not _REGION.fullmatch(region):
+        raise ValueError(
+            f"{text!r} is not a region: use up to {MAX_REGION_CHARS} of A-Z, 0-9 and '-' "
+            '(e.g. "EU", "NA", "APAC")'
+        )
+    return region
+
+
+def normalize_country(text: str) -> str:
+    """An ISO 3166-1 alpha-2 country code from user text: stripped and uppercased
+    (``"de"`` -> ``"DE"``; ``""`` = unset). Raises ValueError otherwise.
+
+    Only the form is checked (two letters), as descriptors do; not the ISO list itself.
+    """
+    country = text.strip().upper() if text.isascii() else text
+    if not _COUNTRY.fullmatch(country):
+        raise ValueError(
+            f'{text!r} is not a country code: use two letters (ISO 3166-1 alpha-2, e.g. "DE")'
+        )
+    return country
+
+
 # --- Parsing -----------------------------------------------------------------------------
 
 _T = typing.TypeVar("_T")
 _Settings = dict[str, tuple[object, str]]  # dotted key -> (raw value, source)
 _Parser = Callable[[object, str, str], _T]  # (raw value, dotted key, source) -> parsed
 
-_NODE_KEYS = ("listen", "advertise", "role", "bootstrap")
+_NODE_KEYS = (
+    "listen",
+    "advertise",
+    "role",
+    "bootstrap",
+    "region",
+    "country",
+    "operator",
+    "operator_contact",
+    "bandwidth_bps",
+    "state_dir",
+)
 _LOG_KEYS = ("level", "format")
+_CONTROL_KEYS = ("enabled", "listen")
 
 
 def _known_keys() -> dict[str, tuple[str, ...]]:
     return {
         "node": _NODE_KEYS,
         "log": _LOG_KEYS,
-        "link": tuple(f.name for f in dataclasses.fields(LinkConfig)),
+        "control": _CONTROL_KEYS,
+        **{table: tuple(_field_types(cls)) for table, cls in _SECTIONS.items()},
     }
 
 
@@ -230,11 +349,22 @@ def _build(home: Path, settings: _Settings, file_source: str) -> NodeConfig:
         advertise=_get(settings, "node.advertise", _advertise, None),
         role=_get(settings, "node.role", _role, Role.CLIENT),
         bootstrap=_get(settings, "node.bootstrap", _bootstrap, ()),
+        region=_get(settings, "node.region", _normalized(normalize_region), ""),
+        country=_get(settings, "node.country", _normalized(normalize_country), ""),
+        operator=_get(settings, "node.operator", _operator_text("name"), ""),
+        operator_contact=_get(settings, "node.operator_contact", _operator_text("contact"), ""),
+        bandwidth_bps=_get(settings, "node.bandwidth_bps", _bandwidth, 0),
+        state_dir=_get(settings, "node.state_dir", _path, Path(DEFAULT_STATE_DIR)),
         log=LogConfig(
             level=_get(settings, "log.level", _choice(LOG_LEVELS), "info"),
             format=_get(settings, "log.format", _choice(LOG_FORMATS), "console"),
         ),
-        link=_build_link(settings, file_source),
+        control=ControlConfig(
+            enabled=_get(settings, "control.enabled", _bool, True),
+            listen=_get(settings, "control.listen", _control_listen, DEFAULT_CONTROL_LISTEN),
+        ),
+        link=_build_section("link", LinkConfig, settings, file_source),
+        dht=_build_section("dht", DhtConfig, settings, file_source),
     )
 
 
@@ -281,6 +411,78 @@ def _advertise(value: object, key: str, source: str) -> tuple[str, int]:
     return host, port
 
 
+def _control_listen(value: object, key: str, source: str) -> tuple[str, int]:
+    text = _string(value, key, source).strip()
+    # parse_hostport refuses port 0 (right for peers); here it means "any free port".
+    any_port = text.endswith(":0")
+    try:
+        host, port = (
+            parse_hostport(text[:-2], default_port=0) if any_port else _address(text, key, source)
+        )
+    except (ContactError, ValueError):
+        host, port = _address(text, key, source)  # raises, with the text as written
+    if not is_loopback(host):
+        raise ConfigError(
+            f"{host!r} is not a loopback address; the control API serves this machine only "
+            '(use "127.0.0.1:PORT" or "[::1]:PORT"; PORT 0 picks a free port)',
+            key=key,
+            source=source,
+        )
+    return host, port
+
+
+def _bool(value: object, key: str, source: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"must be true or false, got {_type_name(value)}", key=key, source=source)
+    return value
+
+
+def _normalized(normalize: Callable[[str], str]) -> _Parser[str]:
+    def parse(value: object, key: str, source: str) -> str:
+        try:
+            return normalize(_string(value, key, source))
+        except ValueError as exc:
+            raise ConfigError(str(exc), key=key, source=source) from None
+
+    return parse
+
+
+def _operator_text(part: typing.Literal["name", "contact"]) -> _Parser[str]:
+    # The descriptor's Operator is the one rule for these texts (UTF-8 byte limits, no
+    # control, format or unassigned characters); a node must never fail to publish.
+    def parse(value: object, key: str, source: str) -> str:
+        text = _string(value, key, source).strip()
+        try:
+            Operator(name=text) if part == "name" else Operator(contact=text)
+        except DescriptorError as exc:
+            raise ConfigError(exc.detail, key=key, source=source) from None
+        return text
+
+    return parse
+
+
+def _bandwidth(value: object, key: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_BANDWIDTH_BPS:
+        raise ConfigError(
+            f"must be an integer from 0 to {MAX_BANDWIDTH_BPS} (bits per second; 0 = unknown), "
+            f"got {value!r}",
+            key=key,
+            source=source,
+        )
+    return value
+
+
+def _path(value: object, key: str, source: str) -> Path:
+    text = _string(value, key, source)
+    if not text.strip():
+        raise ConfigError(
+            "must not be empty (omit the key for the default)", key=key, source=source
+        )
+    if "\0" in text:
+        raise ConfigError("must not contain NUL characters", key=key, source=source)
+    return Path(text).expanduser()
+
+
 def _choice(choices: tuple[str, ...]) -> _Parser[str]:
     def parse(value: object, key: str, source: str) -> str:
         text = _string(value, key, source)
@@ -315,16 +517,22 @@ def _bootstrap(value: object, key: str, source: str) -> tuple[Contact, ...]:
     return tuple(contacts)
 
 
-# --- [link]: built from the fields of LinkConfig, so a new field needs no change here ----
+# --- [link] and [dht]: built from the fields of a layer's config dataclass ---------------
+# A new field of LinkConfig (meshnode/link/config.py) or DhtConfig (discovery/dht.py) needs
+# no change here: the table takes every field by name, typed by its annotation.
+
+_Section = typing.TypeVar("_Section")
+_SECTIONS: dict[str, type] = {"link": LinkConfig, "dht": DhtConfig}
+_SCALARS = (int, float, bool, str)
 
 
 @functools.cache
-def _link_field_types() -> dict[str, type]:
-    hints = typing.get_type_hints(LinkConfig)
-    return {f.name: hints[f.name] for f in dataclasses.fields(LinkConfig)}
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _link_value(value: object, kind: type, key: str, source: str) -> object:
+def _section_value(value: object, kind: type, key: str, source: str) -> object:
     # bool is a subclass of int in Python; TOML's `true` is never a count or a duration.
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -340,37 +548,33 @@ def _link_value(value: object, kind: type, key: str, source: str) -> object:
             raise ConfigError("must be a finite number", key=key, source=source)
         return number
     if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(
-                f"must be true or false, got {_type_name(value)}", key=key, source=source
-            )
-        return value
+        return _bool(value, key, source)
     if kind is str:
         return _string(value, key, source)
-    # A LinkConfig field of another type needs a parser here: a bug, not bad input.
-    raise TypeError(f"LinkConfig.{key.partition('.')[2]}: no TOML parser for {kind!r}")
+    # A field of another type has no TOML form here yet: the key is not settable.
+    raise ConfigError("cannot be set in config.toml", key=key, source=source)
 
 
-def _build_link(settings: _Settings, file_source: str) -> LinkConfig:
-    kinds = _link_field_types()
+def _build_section(table: str, cls: type[_Section], settings: _Settings, file: str) -> _Section:
+    kinds = _field_types(_SECTIONS[table])
     values: dict[str, object] = {}
     sources: dict[str, str] = {}
     for name, kind in kinds.items():
-        key = f"link.{name}"
+        key = f"{table}.{name}"
         if key in settings:
             raw, source = settings[key]
-            values[name] = _link_value(raw, kind, key, source)
+            values[name] = _section_value(raw, kind, key, source)
             sources[name] = source
     try:
-        return LinkConfig(**values)  # type: ignore[arg-type]  # types checked per field above
+        return cls(**values)
     except ValueError as exc:
-        # LinkConfig names the field(s) in its message; blame one the user set, if any.
+        # The dataclass names the field(s) in its message; blame one the user set, if any.
         message = str(exc)
         found = ((re.search(rf"\b{name}\b", message), name) for name in kinds)
         names = [name for _, name in sorted((m.start(), name) for m, name in found if m)]
         blamed = next((n for n in names if n in sources), names[0] if names else None)
-        key = f"link.{blamed}" if blamed else "link"
-        source = sources.get(blamed, file_source) if blamed else file_source
+        key = f"{table}.{blamed}" if blamed else table
+        source = sources.get(blamed, file) if blamed else file
         raise ConfigError(message, key=key, source=source) from None
 
 
@@ -378,15 +582,15 @@ def _build_link(settings: _Settings, file_source: str) -> LinkConfig:
 
 
 @functools.cache
-def _link_field_docs() -> dict[str, str]:
-    """First line of each LinkConfig field's docstring (read from the source; {} if absent)."""
+def _field_docs(cls: type) -> dict[str, str]:
+    """First line of each dataclass field's docstring (read from the source; {} if absent)."""
     try:
-        tree = ast.parse(inspect.getsource(link_config_module))
-    except (OSError, TypeError, SyntaxError):
+        tree = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
+    except (KeyError, OSError, TypeError, SyntaxError):
         return {}
     docs: dict[str, str] = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ClassDef) and node.name == LinkConfig.__name__:
+        if isinstance(node, ast.ClassDef) and node.name == cls.__name__:
             for stmt, after in itertools.pairwise(node.body):
                 if (
                     isinstance(stmt, ast.AnnAssign)
@@ -397,6 +601,20 @@ def _link_field_docs() -> dict[str, str]:
                 ):
                     docs[stmt.target.id] = " ".join(after.value.value.split())
     return docs
+
+
+def _commented_defaults(cls: type) -> list[str]:
+    """``# name = default`` for every settable field, each after its doc line if it has one."""
+    lines = []
+    docs = _field_docs(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if _field_types(cls)[f.name] not in _SCALARS:
+            continue
+        if f.name in docs:
+            lines.append(f"# {docs[f.name]}")
+        lines.append(f"# {f.name} = {_toml_value(getattr(defaults, f.name))}")
+    return lines
 
 
 def _toml_value(value: object) -> str:
@@ -443,6 +661,22 @@ def default_config_text(
         f"role = {json.dumps(Role.CLIENT.value)}",
         '# Nodes to contact first to join the mesh: "HOST:PORT#KEY" strings (see `meshnode id`).',
         "bootstrap = []",
+        "# Where this node is, published in its descriptor so clients can choose exits by place.",
+        f'# region: up to {MAX_REGION_CHARS} of A-Z, 0-9, "-" (e.g. "EU", "NA", "APAC");'
+        ' lowercase is uppercased; "" = unset.',
+        'region = ""',
+        '# country: ISO 3166-1 alpha-2 code (e.g. "DE"); "" = unset.',
+        'country = ""',
+        "# Who runs this node, published in its descriptor: a name (at most 64 bytes of UTF-8)",
+        "# and a contact (e-mail or URL, at most 128 bytes), so people can reach you about it.",
+        'operator = ""',
+        'operator_contact = ""',
+        "# Bandwidth this node offers the mesh, in bits per second (100 Mbit/s = 100000000);"
+        " 0 = unknown.",
+        "bandwidth_bps = 0",
+        "# Directory for persistent state (DHT routing table, descriptor cache);"
+        " relative to the node's home.",
+        f"state_dir = {json.dumps(DEFAULT_STATE_DIR)}",
         "",
         "[log]",
         f"# Least severe messages written: {', '.join(LOG_LEVELS)}.",
@@ -450,14 +684,26 @@ def default_config_text(
         '# "console" (human-readable) or "json" (one JSON object per line, for collectors).',
         f"format = {json.dumps(defaults.format)}",
         "",
+        "[control]",
+        "# The local control API (HTTP, token in HOME/control.token) that `meshnode peers` and",
+        "# `meshnode lookup` use; see docs/control-api.md.",
+        "enabled = true",
+        '# Loopback address it listens on ("127.0.0.1:PORT" or "[::1]:PORT"); port 0 picks a free',
+        "# port, written to HOME/control.json. Other addresses are refused.",
+        f"listen = {json.dumps(format_hostport(*DEFAULT_CONTROL_LISTEN))}",
+        "",
         "[link]",
         "# Link-layer tunables (Noise over UDP). The values shown are the built-in defaults;",
         "# uncomment a line to change it. Durations are in seconds.",
     ]
-    docs = _link_field_docs()
-    link_defaults = LinkConfig()
-    for f in dataclasses.fields(LinkConfig):
-        if f.name in docs:
-            lines.append(f"# {docs[f.name]}")
-        lines.append(f"# {f.name} = {_toml_value(getattr(link_defaults, f.name))}")
+    lines += _commented_defaults(LinkConfig)
+    # The [dht] header itself is commented out too, so a script can still append its own
+    # [dht] table to this file (TOML refuses a table declared twice).
+    lines += [
+        "",
+        "# [dht]",
+        "# DHT tunables (Kademlia over our links; see discovery/dht.py); the built-in defaults",
+        "# are shown. To change one, uncomment the [dht] line and that key. Durations in seconds.",
+        *_commented_defaults(DhtConfig),
+    ]
     return "\n".join(lines) + "\n"

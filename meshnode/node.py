@@ -1,8 +1,11 @@
 """Node: the composition root. Builds the layers from a NodeConfig, starts and stops them.
 
-Today it brings the link layer up on the node's one UDP socket, handshakes with its
-bootstrap contacts, answers handshakes and pings, and reports link counters. Discovery
-and routing plug in here as they land (issues 4 and 5).
+It brings the link layer up on the node's one UDP socket, runs the DHT over it (join
+from saved contacts and bootstrap contacts, publish our descriptor if we relay or exit,
+then a discovery round every ``dht.refresh_interval_s``: provider lookups for relays and
+exits plus a random walk), keeps every verified descriptor it learns in a cache that
+the directory view is built from, persists the routing table and caches in the state
+directory, and serves the local control API. Routing plugs in here with issue 5.
 
 Not here: protocol logic (the layers' sans-IO cores), argument parsing (cli.py).
 """
@@ -11,20 +14,53 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
+import os
+import random
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import structlog
 
-from meshnode.config import NodeConfig
+from discovery.descriptor import (
+    DescriptorRole,
+    NodeDescriptor,
+    Operator,
+    SignedDescriptor,
+    sign,
+)
+from discovery.dht import DhtNode
+from discovery.directory import Directory
+from discovery.providers import ProviderStore, Topic
+from discovery.rpc import DhtContact
+from discovery.store import DescriptorStore, descriptor_key
+from discovery.transport import LinkAddress, LinkTransport
+from meshnode import __version__, crypto
+from meshnode.config import NodeConfig, Role
 from meshnode.contact import Contact, format_hostport
+from meshnode.control import ControlServer
+from meshnode.errors import DecodeError
 from meshnode.identity import Identity, b32encode
 from meshnode.link.events import LinkEvent, PeerRoamed, SessionClosed, SessionEstablished
 from meshnode.link.udp import LinkService, LinkUnreachableError
 
 log = structlog.get_logger("meshnode.node")
 
-BOOTSTRAP_TIMEOUT_S = 10.0
+DESCRIPTOR_LIFETIME_S = 3 * 3600  # discovery.constants.DESCRIPTOR_LIFETIME_S, the most allowed
+# Until the exit policy lands (issue 6), an exit advertises every port but SMTP.
+DEFAULT_EXIT_POLICY = ((1, 24), (26, 65535))
+
+STATE_FILES = {
+    "dht": "dht.json",  # routing table contacts
+    "cache": "descriptors.json",  # every verified descriptor we learned (the directory)
+    "store": "dht-store.json",  # records we hold for the DHT
+    "providers": "providers.json",  # provider sets we hold for the DHT
+    "onion": "onion-keys.json",  # onion keys (private; rotation comes with issue 5)
+}
 
 
 class Node:
@@ -34,6 +70,12 @@ class Node:
         self.config = config
         self.identity = identity
         self.link: LinkService | None = None
+        self.dht: DhtNode | None = None
+        self.control: ControlServer | None = None
+        self.descriptor: SignedDescriptor | None = None
+        self.cache = DescriptorStore()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._joined = asyncio.Event()
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -41,6 +83,30 @@ class Node:
             self.identity, self.config.listen, config=self.config.link
         )
         self.link.add_listener(self._on_link_event)
+        state = self.config.state_dir
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        now = time.time()
+        store = self._load(
+            "store", lambda text: DescriptorStore.from_json(text, now=now), DescriptorStore
+        )
+        providers = self._load(
+            "providers", lambda text: ProviderStore.from_json(text, now=now), ProviderStore
+        )
+        self.cache = self._load(
+            "cache", lambda text: DescriptorStore.from_json(text, now=now), DescriptorStore
+        )
+        self.dht = DhtNode(
+            self.identity.node_id,
+            self.identity.link_public,
+            LinkTransport(self.link),
+            config=self.config.dht,
+            store=store,
+            providers=providers,
+            on_descriptor=self._learn,
+        )
+        if self.config.control.enabled:
+            host, port = self.config.control.listen
+            self.control = await ControlServer.start(self, self.config.home, host=host, port=port)
 
     @property
     def contact(self) -> Contact:
@@ -68,13 +134,13 @@ class Node:
             )
             if on_ready is not None:
                 on_ready(self)
-            await self._bootstrap()
+            self._spawn(self._discovery())
             await self._stop.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.remove_signal_handler(sig)
-            self.close()
+            await self.aclose()
 
     def link_addr(self) -> tuple[str, int]:
         if self.link is None:
@@ -82,29 +148,246 @@ class Node:
         return self.link.local_addr
 
     def stats(self) -> dict[str, int]:
-        """Link counters: traffic, handshakes, and every drop with its reason."""
-        if self.link is None:
-            return {}
-        return dict(sorted(self.link.endpoint.stats.items()))
+        """Counters of every layer: link traffic, handshakes, DHT RPCs, stores, and every
+        drop with its reason."""
+        counters: dict[str, int] = {}
+        if self.link is not None:
+            counters.update(self.link.endpoint.stats)
+        if self.dht is not None:
+            counters.update(self.dht.stats)
+            counters.update(self.dht.store.stats)
+            counters.update(self.dht.providers.stats)
+        return dict(sorted(counters.items()))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.control is not None:
+            await self.control.close()
+            self.control = None
+        self.close()
 
     def close(self) -> None:
+        if self.dht is not None:
+            self._save_state()
+            self.dht.close()
         if self.link is not None:
             log.info("node.stopped", **{k.replace(".", "_"): v for k, v in self.stats().items()})
             self.link.close()
 
-    async def _bootstrap(self) -> None:
-        link = self.link
-        if link is None or not self.config.bootstrap:
-            return
+    # --- discovery ------------------------------------------------------------------------
 
-        async def one(contact: Contact) -> None:
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node.task_failed", error=repr(task.exception()))
+
+    async def _discovery(self) -> None:
+        """Join, then publish (relays and exits) and discover, round after round."""
+        interval = self.config.dht.refresh_interval_s
+        next_publish = 0.0
+        while True:
+            if not self.dht or not self.dht.contacts():
+                await self._join()
+            if self._publishes() and time.time() >= next_publish:
+                await self._publish()
+                next_publish = time.time() + self.config.dht.republish_s
+            await self._discover_round()
+            self._save_state()
+            await asyncio.sleep(interval * random.uniform(0.9, 1.1))  # noqa: S311 (jitter)
+
+    async def _join(self) -> None:
+        dht, link = self.dht, self.link
+        assert dht is not None and link is not None
+        saved = self._saved_contacts()
+        if saved:
+            result = await dht.rejoin(saved)
+            log.info(
+                "dht.rejoined", saved=len(saved), table=len(dht.contacts()), rounds=result.rounds
+            )
+        addresses = []
+        for contact in self.config.bootstrap:
             try:
-                addr = await link.resolve(contact.host, contact.port)
-                await link.connect(contact.static_key, addr, timeout=BOOTSTRAP_TIMEOUT_S)
+                host, port = await link.resolve(contact.host, contact.port)
             except LinkUnreachableError as exc:
                 log.warning("node.bootstrap_failed", contact=str(contact), error=str(exc))
+                continue
+            addresses.append(LinkAddress(host, port, contact.static_key))
+        if addresses and len(dht.contacts()) < dht.config.ksize:
+            await dht.bootstrap(addresses)
+        table = len(dht.contacts())
+        if table:
+            log.info("dht.joined", table=table)
+            self._joined.set()
+        elif addresses or saved:
+            log.warning("dht.join_failed", bootstrap=len(addresses), saved=len(saved))
 
-        await asyncio.gather(*(one(c) for c in self.config.bootstrap))
+    async def _discover_round(self) -> None:
+        dht = self.dht
+        assert dht is not None
+        before = len(self.cache)
+        for role in (DescriptorRole.RELAY, DescriptorRole.EXIT):
+            await dht.find_providers(Topic(role=role))
+        now = time.time()
+        await dht.random_walk(
+            known=lambda node_id: self.cache.get(descriptor_key(node_id), now=now) is not None
+        )
+        await dht.refresh()
+        log.info("dht.discovered", known=len(self.cache), new=len(self.cache) - before)
+
+    def _publishes(self) -> bool:
+        return self.config.role in (Role.RELAY, Role.EXIT)
+
+    async def _publish(self) -> None:
+        dht = self.dht
+        assert dht is not None
+        descriptor = self._make_descriptor(time.time())
+        if descriptor is None:
+            return
+        self.descriptor = descriptor
+        self._learn(descriptor)
+        acks = await dht.publish(descriptor)
+        log.info("dht.published", version=descriptor.body.version, acks=acks)
+
+    def _make_descriptor(self, now: float) -> SignedDescriptor | None:
+        address, _ = self.config.contact_address(bound=self.link_addr())
+        try:
+            ipaddress.ip_address(address[0])
+        except ValueError:
+            log.error("dht.not_published", reason=f"contact host {address[0]!r} is not an IP")
+            return None
+        roles = {DescriptorRole.RELAY}
+        if self.config.role is Role.EXIT:
+            roles.add(DescriptorRole.EXIT)
+        onion, next_onion = self._onion_keys()
+        published = int(now)
+        last = self.descriptor.body.version if self.descriptor is not None else 0
+        body = NodeDescriptor(
+            version=max(published, last + 1),
+            identity_key=self.identity.identity_public,
+            link_key=self.identity.link_public,
+            onion_key=onion,
+            next_onion_key=next_onion,
+            addresses=((ipaddress.ip_address(address[0]).compressed, address[1]),),
+            roles=frozenset(roles),
+            exit_policy=DEFAULT_EXIT_POLICY if self.config.role is Role.EXIT else (),
+            region=self.config.region,
+            country=self.config.country,
+            operator=Operator(name=self.config.operator, contact=self.config.operator_contact),
+            bandwidth_bps=self.config.bandwidth_bps,
+            software=f"meshnode/{__version__}",
+            published_at=published,
+            expires_at=published + DESCRIPTOR_LIFETIME_S,
+        )
+        return sign(body, self.identity)
+
+    def _onion_keys(self) -> tuple[bytes, bytes]:
+        """Current and next onion public keys, created once and kept in the state dir.
+
+        Rotation (a new next key every lifetime, the old one kept for the overlap) is
+        issue 5's, with the circuit code that uses the private halves.
+        """
+        path = self._path("onion")
+        try:
+            data = json.loads(path.read_text())
+            privates = [bytes.fromhex(data["current"]), bytes.fromhex(data["next"])]
+        except (OSError, ValueError, KeyError, TypeError):
+            privates = [crypto.x25519_generate_private(), crypto.x25519_generate_private()]
+            _write_private(
+                path, json.dumps({"current": privates[0].hex(), "next": privates[1].hex()})
+            )
+        return (
+            crypto.x25519_public_from_private(privates[0]),
+            crypto.x25519_public_from_private(privates[1]),
+        )
+
+    def _learn(self, descriptor: SignedDescriptor) -> None:
+        """Keep a verified descriptor in the cache the directory is built from."""
+        self.cache.put(descriptor_key(descriptor.node_id), descriptor.encode(), now=time.time())
+
+    # --- state ----------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        return self.config.state_dir / STATE_FILES[name]
+
+    def _load(self, name: str, parse: Callable[[str], Any], empty: Callable[[], Any]) -> Any:
+        path = self._path(name)
+        try:
+            return parse(path.read_text())
+        except FileNotFoundError:
+            return empty()
+        except (OSError, DecodeError, ValueError) as exc:
+            log.warning("node.state_unreadable", file=str(path), error=str(exc))
+            return empty()
+
+    def _saved_contacts(self) -> list[DhtContact]:
+        try:
+            return DhtNode.contacts_from_json(self._path("dht").read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, DecodeError) as exc:
+            log.warning("node.state_unreadable", file=str(self._path("dht")), error=str(exc))
+            return []
+
+    def _save_state(self) -> None:
+        dht = self.dht
+        if dht is None:
+            return
+        try:
+            if dht.contacts():  # never overwrite a good table with an empty one
+                _write_private(self._path("dht"), dht.state_json())
+            _write_private(self._path("cache"), self.cache.to_json())
+            _write_private(self._path("store"), dht.store.to_json())
+            _write_private(self._path("providers"), dht.providers.to_json())
+        except OSError as exc:
+            log.warning("node.state_not_saved", error=str(exc))
+
+    # --- control API ----------------------------------------------------------------------
+
+    def known_descriptors(self, now: float) -> list[SignedDescriptor]:
+        """Every current verified descriptor we know, newest version per node."""
+        best: dict[bytes, SignedDescriptor] = {}
+        sources = [self.cache.descriptors(now)]
+        if self.dht is not None:
+            sources.append(self.dht.store.descriptors(now))
+            sources.append(self.dht.providers.descriptors(now))
+        for source in sources:
+            for d in source:
+                old = best.get(d.node_id)
+                if old is None or d.body.version > old.body.version:
+                    best[d.node_id] = d
+        return list(best.values())
+
+    def control_status(self) -> dict[str, object]:
+        dht = self.dht
+        return {
+            "node_id": b32encode(self.identity.node_id),
+            "contact": str(self.contact),
+            "role": self.config.role.value,
+            "region": self.config.region,
+            "country": self.config.country,
+            "joined": self._joined.is_set(),
+            "published_version": self.descriptor.body.version if self.descriptor else None,
+            "routing_table": len(dht.contacts()) if dht else 0,
+            "known_descriptors": len(self.known_descriptors(time.time())),
+            "counters": self.stats(),
+        }
+
+    def control_directory(self) -> Directory:
+        now = time.time()
+        return Directory(self.known_descriptors(now), now=now)
+
+    async def control_lookup(self, node_id: bytes) -> SignedDescriptor | None:
+        if self.dht is None:
+            return None
+        return await self.dht.get_descriptor(node_id)
 
     def _on_link_event(self, event: LinkEvent) -> None:
         if isinstance(event, SessionEstablished) and not event.rekey:
@@ -121,3 +404,17 @@ class Node:
             log.info("link.peer_closed", peer=b32encode(event.peer)[:12], reason=event.reason)
         elif isinstance(event, PeerRoamed):
             log.info("link.peer_roamed", peer=b32encode(event.peer)[:12])
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by the owner only."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -332,3 +332,27 @@ def test_saved_state_with_bad_entries_keeps_the_good_ones() -> None:
 def test_malformed_state_file_is_a_decode_error(text: str) -> None:
     with pytest.raises(DecodeError):
         DhtNode.contacts_from_json(text)
+
+
+async def test_bootstrap_ping_answer_naming_another_id_is_refused() -> None:
+    net, nodes = await make_network(2)
+    liar = Hostile(net, 95)
+    asker = nodes[1].dht
+    try:
+        pinging = asyncio.ensure_future(
+            asker.protocol.ping_address(
+                LinkAddress(liar.addr[0], liar.addr[1], liar.identity.link_public)
+            )
+        )
+        await settle()
+        msg_id = rpc.parse_frame(liar.received[0])[1]
+        body = rpc.encode_response("ping", identity(96).node_id)  # not its own id
+        for frame in rpc.fragment(rpc.RESPONSE, msg_id, body):
+            liar.raw(nodes[1].link_address, frame)
+        assert await pinging is None
+        assert asker.stats["dht.drop.id_mismatch"] == 1
+        assert not in_table(asker, identity(96).node_id)
+        assert not in_table(asker, liar.identity.node_id)
+    finally:
+        for node in nodes:
+            node.dht.close()

@@ -8,14 +8,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import click
 import pytest
 from click.testing import CliRunner, Result
 
 from meshnode import __version__
+from meshnode import cli as cli_module
 from meshnode.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, main
-from meshnode.config import CONFIG_FILE, default_config_text, load_config
+from meshnode.config import CONFIG_FILE, NodeConfig, default_config_text, load_config
 from meshnode.contact import Contact
 from meshnode.errors import MeshError
 from meshnode.identity import IDENTITY_FILE, b32encode, load_identity
@@ -228,3 +230,82 @@ def test_python_dash_m() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert __version__ in proc.stdout
+
+
+# `run` flags reach NodeConfig: a stand-in Node records the config instead of running.
+
+
+class RecordingNode:
+    configs: ClassVar[list[NodeConfig]] = []
+
+    def __init__(self, config: NodeConfig, identity: object) -> None:
+        RecordingNode.configs.append(config)
+
+    async def run(self, *, on_ready: object = None) -> None:
+        return None
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> list[NodeConfig]:
+    RecordingNode.configs = []
+    monkeypatch.setattr(cli_module, "Node", RecordingNode)
+    return RecordingNode.configs
+
+
+def test_run_place_and_operator_flags(home: Path, recorded: list[NodeConfig]) -> None:
+    run("init", "--home", str(home))
+    (home / CONFIG_FILE).write_text('[node]\nregion = "NA"\ncountry = "US"\noperator = "file"\n')
+    result = run(
+        "run",
+        "--home",
+        str(home),
+        "--region",
+        "eu",
+        "--country",
+        "de",
+        "--operator",
+        "Example Networks",
+        "--operator-contact",
+        "noc@example.org",
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = recorded
+    assert (config.region, config.country) == ("EU", "DE")
+    assert config.operator == "Example Networks"
+    assert config.operator_contact == "noc@example.org"
+
+
+def test_run_without_flags_keeps_the_file(home: Path, recorded: list[NodeConfig]) -> None:
+    run("init", "--home", str(home))
+    (home / CONFIG_FILE).write_text('[node]\nregion = "apac"\noperator_contact = "x@y.z"\n')
+    assert run("run", "--home", str(home)).exit_code == 0
+    (config,) = recorded
+    assert (config.region, config.country, config.operator) == ("APAC", "", "")
+    assert config.operator_contact == "x@y.z"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "key"),
+    [
+        ("--region", "Europe!", "node.region"),
+        ("--country", "DEU", "node.country"),
+        ("--operator", "x" * 65, "node.operator"),
+        ("--operator-contact", "a\tb", "node.operator_contact"),
+    ],
+)
+def test_run_bad_flag_exits_2(
+    home: Path, recorded: list[NodeConfig], flag: str, value: str, key: str
+) -> None:
+    run("init", "--home", str(home))
+    line = assert_one_line_error(run("run", "--home", str(home), flag, value), EXIT_USAGE)
+    assert f"command line: {key}: " in line
+    assert recorded == []
+
+
+def test_help_lists_control_commands() -> None:
+    result = run("--help")
+    assert "peers" in result.output and "lookup" in result.output
+    for command in ("peers", "lookup"):
+        help_text = run(command, "--help").output
+        assert "Examples:" in help_text and f"meshnode {command}" in help_text
+    assert "--operator-contact" in run("run", "--help").output
