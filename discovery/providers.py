@@ -104,7 +104,9 @@ TOPIC_KEY_BYTES = 20
 DEFAULT_MAX_PER_TOPIC = 256
 # Two roles x (bare + regions + ~250 countries) is about 500 real topics.
 DEFAULT_MAX_TOPICS = 1024
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+# Wire bytes; each entry also keeps its decoded descriptor (~1.7 KB more, measured), so
+# the worst case in memory is about 8x this: ~35 MB.
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 
 # Per-origin ADD limit. A peer that first meets us may hand over whole provider sets it
 # thinks we should hold (kademlia's welcome_if_new), up to max_per_topic entries at once;

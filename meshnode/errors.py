@@ -1,16 +1,22 @@
-"""The meshnode exception tree. Every error the packages raise on purpose is here.
+"""The meshnode exception tree. The base errors the packages raise on purpose are here;
+a layer's own subclasses live beside it (listed below with their module).
 
 ::
 
     MeshError
     ├── DecodeError              bytes from outside did not parse (wire, keys, contacts)
-    │   └── ContactError         a contact string is malformed
+    │   ├── ContactError         a contact string is malformed
+    │   ├── DescriptorError      discovery/descriptor.py: a descriptor was refused (.reason)
+    │   ├── RpcError             discovery/rpc.py: a DHT message was refused (.reason)
+    │   └── TopicError, ProviderStoreError   discovery/providers.py
     ├── LocalProtocolError       this program misused an API (a bug here, not the peer's)
     ├── RemoteProtocolError      a peer sent something well-formed but not allowed
     ├── HandshakeError           a Noise handshake message failed to verify
     ├── IdentityError            a key file is missing, unreadable or malformed
     │   └── IdentityExistsError  `init` refused to overwrite an identity
-    └── ConfigError              a config file or flag has a bad key or value
+    ├── ConfigError              a config file or flag has a bad key or value
+    └── ControlError             meshnode/control.py: the control API refused or is absent
+        └── ControlNotRunningError   no node runs with that home
 
 Remote garbage never escapes a driver: drivers catch DecodeError / RemoteProtocolError /
 HandshakeError, count the drop and carry on. Not here: transport-level OSErrors.
