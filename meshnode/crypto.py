@@ -21,6 +21,7 @@ import nacl.hash
 import nacl.public
 import nacl.signing
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 ED25519_PUBLIC_BYTES = 32
@@ -30,6 +31,7 @@ X25519_KEY_BYTES = 32
 AEAD_KEY_BYTES = 32
 AEAD_TAG_BYTES = 16
 XAEAD_NONCE_BYTES = 24
+AEAD_NONCE_BYTES = 12
 MAC_BYTES = 16
 
 __all__ = [
@@ -40,7 +42,13 @@ __all__ = [
     "MAC_BYTES",
     "X25519_KEY_BYTES",
     "XAEAD_NONCE_BYTES",
+    "AEAD_NONCE_BYTES",
+    "Aead",
     "TransportCipher",
+    "chacha20_stream",
+    "chacha20_xor",
+    "kdf",
+    "x25519_shared",
     "constant_time_equal",
     "ed25519_generate_seed",
     "ed25519_public_from_seed",
@@ -118,6 +126,19 @@ def x25519_public_from_private(private_key: bytes) -> bytes:
     return nacl.bindings.crypto_scalarmult_base(private_key)
 
 
+def x25519_shared(private_key: bytes, public_key: bytes) -> bytes | None:
+    """X25519(private, public); None for an unusable peer key (wrong size, low order)."""
+    if len(public_key) != X25519_KEY_BYTES or len(private_key) != X25519_KEY_BYTES:
+        return None
+    try:
+        shared = nacl.bindings.crypto_scalarmult(private_key, public_key)
+    except (nacl.exceptions.RuntimeError, nacl.exceptions.CryptoError, RuntimeError, ValueError):
+        return None
+    if shared == bytes(X25519_KEY_BYTES):
+        return None
+    return shared
+
+
 # --- Hashing and MACs ------------------------------------------------------------------
 
 
@@ -134,6 +155,14 @@ def hash_bytes(data: bytes, *, size: int = 32, person: bytes = b"") -> bytes:
 def mac(key: bytes, data: bytes, *, size: int = MAC_BYTES) -> bytes:
     """Keyed BLAKE2b (a MAC) of ``data``; ``key`` is 16 to 64 bytes."""
     return nacl.hash.blake2b(data, digest_size=size, key=key, encoder=nacl.encoding.RawEncoder)
+
+
+def kdf(secret: bytes, label: bytes, *, size: int = 32) -> bytes:
+    """Derive ``size`` bytes (16..64) for ``label`` from a 32..64-byte ``secret``:
+    keyed BLAKE2b(key=secret, label). Distinct labels give independent keys."""
+    if not 32 <= len(secret) <= 64 or not 16 <= size <= 64:
+        raise ValueError("kdf: secret must be 32..64 bytes and size 16..64")
+    return mac(secret, label, size=size)
 
 
 def constant_time_equal(a: bytes, b: bytes) -> bool:
@@ -155,6 +184,43 @@ def xaead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes
         return nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key)
     except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, ValueError, TypeError):
         return None
+
+
+def chacha20_stream(key: bytes, nonce: bytes, length: int, *, counter: int = 0) -> bytes:
+    """``length`` bytes of the IETF ChaCha20 keystream (12-byte nonce, 32-bit block
+    counter starting at ``counter``). ChaCha20-Poly1305 encrypts with counter 1."""
+    return chacha20_xor(key, nonce, bytes(length), counter=counter)
+
+
+def chacha20_xor(key: bytes, nonce: bytes, data: bytes, *, counter: int = 0) -> bytes:
+    """``data`` XOR the IETF ChaCha20 keystream (see :func:`chacha20_stream`)."""
+    if len(nonce) != AEAD_NONCE_BYTES:
+        raise ValueError("ChaCha20 nonce must be 12 bytes")
+    full_nonce = counter.to_bytes(4, "little") + nonce
+    encryptor = Cipher(algorithms.ChaCha20(key, full_nonce), mode=None).encryptor()
+    return encryptor.update(data)
+
+
+class Aead:
+    """ChaCha20-Poly1305 (RFC 8439) under one key, any 12-byte nonce; output ct || tag.
+
+    The caller guarantees a nonce is never used twice under one key.
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = ChaCha20Poly1305(key)
+
+    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes = b"") -> bytes | None:
+        """The plaintext, or None when the tag does not verify."""
+        try:
+            return self._aead.decrypt(nonce, ciphertext, aad)
+        except (InvalidTag, ValueError):
+            return None
 
 
 _NONCE = struct.Struct("<4xQ")  # Noise ChaChaPoly nonce: 4 zero bytes + LE64 counter

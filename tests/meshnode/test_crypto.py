@@ -281,3 +281,54 @@ def test_transport_cipher_directions_do_not_mix(random_bytes: RandomBytes) -> No
     """Two keys (Noise's split): a datagram sealed for one direction never opens in the other."""
     send, recv = crypto.TransportCipher(random_bytes(32)), crypto.TransportCipher(random_bytes(32))
     assert recv.open(0, send.seal(0, b"x", b""), b"") is None
+
+
+# --- Primitives for onion layers ---------------------------------------------------------
+
+
+def test_chacha20_matches_rfc8439_section_2_4_2() -> None:
+    key = bytes(range(32))
+    nonce = bytes.fromhex("000000000000004a00000000")
+    plaintext = (
+        b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
+        b"the future, sunscreen would be it."
+    )
+    expected = bytes.fromhex(
+        "6e2e359a2568f98041ba0728dd0d6981e97e7aec1d4360c20a27afccfd9fae0b"
+        "f91b65c5524733ab8f593dabcd62b3571639d624e65152ab8f530c359f0861d8"
+        "07ca0dbf500d6a6156a38e088a22b65e52bc514d16ccf806818ce91ab7793736"
+        "5af90bbf74a35be6b40b8eedf2785e42874d"
+    )
+    assert crypto.chacha20_xor(key, nonce, plaintext, counter=1) == expected
+    stream = crypto.chacha20_stream(key, nonce, len(plaintext), counter=1)
+    assert bytes(a ^ b for a, b in zip(plaintext, stream, strict=True)) == expected
+
+
+def test_aead_ciphertext_is_the_counter_1_keystream_then_the_tag() -> None:
+    key, nonce, plaintext = bytes([7]) * 32, bytes([9]) * 12, bytes(range(200))
+    sealed = crypto.Aead(key).seal(nonce, plaintext, b"ad")
+    assert len(sealed) == len(plaintext) + crypto.AEAD_TAG_BYTES
+    assert sealed[:200] == crypto.chacha20_xor(key, nonce, plaintext, counter=1)
+    assert crypto.Aead(key).open(nonce, sealed, b"ad") == plaintext
+    assert crypto.Aead(key).open(nonce, sealed, b"other") is None
+    tampered = bytes([sealed[0] ^ 1]) + sealed[1:]
+    assert crypto.Aead(key).open(nonce, tampered, b"ad") is None
+    assert crypto.Aead(key).open(nonce, b"short", b"ad") is None
+
+
+def test_x25519_shared_agrees_and_refuses_unusable_keys() -> None:
+    a, b = bytes([1]) * 32, bytes([2]) * 32
+    pa, pb = crypto.x25519_public_from_private(a), crypto.x25519_public_from_private(b)
+    assert crypto.x25519_shared(a, pb) == crypto.x25519_shared(b, pa) is not None
+    assert crypto.x25519_shared(a, bytes(32)) is None  # low order: all-zero secret
+    assert crypto.x25519_shared(a, b"short") is None
+
+
+def test_kdf_labels_give_independent_keys_and_sizes_are_checked() -> None:
+    secret = bytes(range(32))
+    assert crypto.kdf(secret, b"a") != crypto.kdf(secret, b"b")
+    assert len(crypto.kdf(secret, b"a", size=16)) == 16
+    with pytest.raises(ValueError):
+        crypto.kdf(b"short", b"a")
+    with pytest.raises(ValueError):
+        crypto.kdf(secret, b"a", size=65)
