@@ -8,7 +8,8 @@ a layer's own subclasses live beside it (listed below with their module).
     │   ├── ContactError         a contact string is malformed
     │   ├── DescriptorError      discovery/descriptor.py: a descriptor was refused (.reason)
     │   ├── RpcError             discovery/rpc.py: a DHT message was refused (.reason)
-    │   └── TopicError, ProviderStoreError   discovery/providers.py
+    │   ├── TopicError, ProviderStoreError   discovery/providers.py
+    │   └── CellError, OnionError, BuildError routing/cells.py, onion.py, build.py (.reason)
     ├── LocalProtocolError       this program misused an API (a bug here, not the peer's)
     ├── RemoteProtocolError      a peer sent something well-formed but not allowed
     ├── HandshakeError           a Noise handshake message failed to verify
