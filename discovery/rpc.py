@@ -29,6 +29,7 @@ what is stored (discovery/store.py, discovery/providers.py).
 
 from __future__ import annotations
 
+import functools
 import io
 import ipaddress
 import struct
@@ -126,6 +127,11 @@ class RpcError(DecodeError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+# The low-order check is a scalar multiplication (~25 us); the same contacts come back in
+# answer after answer, so the verdicts of recent keys are remembered (bounded).
+_usable_key = functools.lru_cache(maxsize=4096)(crypto.x25519_public_is_usable)
+
+
 # --- Value types ---------------------------------------------------------------------------
 
 
@@ -173,7 +179,7 @@ class DhtContact:
             raise RpcError("bad_response", "contact port must be 1..65535")
         _check_bin(link_key, LINK_KEY_BYTES, "contact link key", "bad_response")
         assert isinstance(node_id, bytes) and isinstance(link_key, bytes)
-        if not crypto.x25519_public_is_usable(link_key):
+        if not _usable_key(link_key):
             raise RpcError("bad_response", "contact link key is a low-order point")
         return cls(node_id=node_id, host=address.compressed, port=port, link_key=link_key)
 

@@ -1,4 +1,4 @@
-"""Smoke test of the link benchmark: it runs and reports positive rates (nothing about speed)."""
+"""Smoke tests of the benchmarks: they run and report sane results (nothing about speed)."""
 
 from __future__ import annotations
 
@@ -33,3 +33,34 @@ def test_bench_link_quick_json() -> None:
     assert result["handshakes"]["responder_per_s"] > 0
     assert result["handshakes"]["initiator_per_s"] > 0
     assert result["cookie_path"]["cookie_replies_per_s"] > 0
+
+
+@pytest.mark.system
+def test_bench_dht_quick_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_dht", "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    assert result["params"]["nodes"] == 300
+    assert result["setup"]["join_failures"] == 0
+    assert result["setup"]["peak_rss_mib"] > 0
+    assert [row["churn"] for row in result["lookups"]] == [0.0, 0.2]
+    for row in result["lookups"]:
+        assert row["lookups"] == 50
+        assert row["success"] > 0
+        assert row["hops_median"] >= 1
+        assert row["latency_s_median"] > 0
+    # Churn costs timeouts: the lookups at 20% churn run on the virtual clock through them.
+    assert result["lookups"][1]["timeouts_median"] > 0
+    for row in result["exits"]["rows"]:
+        assert row["found_min"] >= 1
+        assert row["wrong"] == 0
+        assert row["total_s_median"] > 0
+        assert row["rpcs_median"] > 0
+    assert result["wall_s"] > 0
