@@ -10,6 +10,7 @@ a layer's own subclasses live beside it (listed below with their module).
     │   ├── RpcError             discovery/rpc.py: a DHT message was refused (.reason)
     │   ├── TopicError, ProviderStoreError   discovery/providers.py
     │   └── CellError, OnionError, BuildError routing/cells.py, onion.py, build.py (.reason)
+    ├── PathError                routing/path.py: no path satisfies the constraints (.reason)
     ├── LocalProtocolError       this program misused an API (a bug here, not the peer's)
     ├── RemoteProtocolError      a peer sent something well-formed but not allowed
     ├── HandshakeError           a Noise handshake message failed to verify
