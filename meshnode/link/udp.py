@@ -7,9 +7,12 @@ protocol decisions live here.
 It owns a non-blocking socket through ``loop.add_reader`` rather than asyncio's datagram
 transport, so that one wakeup reads up to ``READ_BATCH`` datagrams and pumps once: the
 transport's one-datagram-per-callback path cost about 2 us per datagram more, a third of
-the link's receive budget (benchmarks/README.md). Sends go straight to ``sendto``; when
-the kernel buffer is full, datagrams wait in a bounded queue flushed by ``add_writer``,
-and beyond it they are dropped and counted (UDP semantics, never unbounded memory).
+the link's receive budget (benchmarks/README.md); the batch goes to the endpoint in one
+``receive_datagrams`` call and its events are dispatched in one pass. Sends go straight
+to ``sendto`` from the pump that follows each user call (``send``, or ``send_many`` for
+a burst: one endpoint call and one pump for many frames); when the kernel buffer is
+full, datagrams wait in a bounded queue flushed by ``add_writer``, and beyond it they are
+dropped and counted (UDP semantics, never unbounded memory).
 
 IPv4 and IPv6 share one socket when listening on ``::``
 (dual stack); addresses are normalised to ``(host, port)`` with IPv4-mapped IPv6 turned
@@ -26,7 +29,7 @@ import ipaddress
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -68,6 +71,7 @@ class LinkService:
         self._loop = loop
         self._sock = sock
         self._family = sock.family
+        self._ipv4 = sock.family == socket.AF_INET
         self._send_queue: deque[tuple[bytes, tuple[str, int]]] = deque()
         self._send_queue_bytes = 0
         self._writing = False
@@ -107,16 +111,16 @@ class LinkService:
     # --- socket callbacks -------------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        """Read up to READ_BATCH datagrams, feed them all, then pump once."""
+        """Read up to READ_BATCH datagrams, feed them all in one call, then pump once."""
         if self._closed:
             return
         recvfrom = self._sock.recvfrom
-        receive = self.endpoint.receive_datagram
         now = self._loop.time()
-        ipv4 = self._family == socket.AF_INET
+        batch: list[tuple[bytes, Any]] = []
+        append = batch.append
         for _ in range(READ_BATCH):
             try:
-                data, addr = recvfrom(_RECV_BYTES)
+                append(recvfrom(_RECV_BYTES))
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -124,8 +128,11 @@ class LinkService:
                 self.endpoint.stats["error.socket"] += 1
                 log.debug("link.socket_error", error=str(exc))
                 break
+        if batch:
             # An IPv4 socket already reports (str, int); only IPv6 needs normalising.
-            receive(data, addr if ipv4 else _normalise(addr), now)
+            if not self._ipv4:
+                batch = [(data, _normalise(addr)) for data, addr in batch]
+            self.endpoint.receive_datagrams(batch, now)
         self._pump()
 
     def _on_writable(self) -> None:
@@ -134,17 +141,32 @@ class LinkService:
             self._loop.remove_writer(self._sock.fileno())
             self._writing = False
 
-    def _sendto(self, datagram: bytes, dest: tuple[str, int]) -> None:
-        if self._send_queue:
-            self._enqueue(datagram, dest)
-            return
-        try:
-            self._sock.sendto(datagram, dest)
-        except (BlockingIOError, InterruptedError):
-            self._enqueue(datagram, dest)
-        except OSError as exc:
-            self.endpoint.stats["error.socket_send"] += 1
-            log.debug("link.send_failed", error=str(exc))
+    def _transmit(self, datagrams: list[tuple[bytes, Addr]]) -> None:
+        """Send the endpoint's datagrams in order: straight to ``sendto`` while the kernel
+        takes them, into the bounded queue (behind anything already queued) once not."""
+        sendto = self._sock.sendto
+        ipv4 = self._ipv4
+        blocked = bool(self._send_queue)
+        last_addr: Addr | None = None
+        dest: tuple[str, int] | None = None
+        for datagram, addr in datagrams:
+            if addr is not last_addr:  # a burst to one peer shares one address object
+                last_addr = addr
+                dest = addr if ipv4 and ":" not in addr[0] else self._destination(addr)
+            if dest is None:
+                self.endpoint.stats["drop.tx_unsupported_family"] += 1
+                continue
+            if blocked:
+                self._enqueue(datagram, dest)
+                continue
+            try:
+                sendto(datagram, dest)
+            except (BlockingIOError, InterruptedError):
+                blocked = True
+                self._enqueue(datagram, dest)
+            except OSError as exc:
+                self.endpoint.stats["error.socket_send"] += 1
+                log.debug("link.send_failed", error=str(exc))
 
     def _enqueue(self, datagram: bytes, dest: tuple[str, int]) -> None:
         if len(self._send_queue) >= SEND_QUEUE_MAX:
@@ -229,6 +251,16 @@ class LinkService:
         self.endpoint.send(static_key, kind, payload, self._loop.time())
         self._pump()
 
+    def send_many(self, static_key: bytes, kind: int, payloads: Sequence[bytes]) -> None:
+        """Send several frames of one kind to one peer, in order; for bulk senders.
+
+        The same as :meth:`send` on each payload (see :meth:`LinkEndpoint.send_many`),
+        with one endpoint call and one pump for the whole burst. Check
+        :meth:`get_write_buffer_size` between bursts for back-pressure.
+        """
+        self.endpoint.send_many(static_key, kind, payloads, self._loop.time())
+        self._pump()
+
     async def ping(self, static_key: bytes, *, timeout: float = 5.0) -> float:
         """One link-level ping over an existing session; returns the RTT in seconds."""
         seq = self.endpoint.ping(static_key, self._loop.time())
@@ -270,20 +302,25 @@ class LinkService:
 
     def _pump(self) -> None:
         endpoint = self.endpoint
-        if not self._closed:
-            ipv4 = self._family == socket.AF_INET
-            for datagram, addr in endpoint.datagrams_to_send():
-                dest = addr if ipv4 and ":" not in addr[0] else self._destination(addr)
-                if dest is None:
-                    endpoint.stats["drop.tx_unsupported_family"] += 1
-                    continue
-                self._sendto(datagram, dest)
-        else:
-            endpoint.datagrams_to_send()
-        event = endpoint.next_event()
-        while event is not None:
-            self._dispatch(event)
-            event = endpoint.next_event()
+        datagrams = endpoint.datagrams_to_send()
+        if datagrams and not self._closed:
+            self._transmit(datagrams)
+        events = endpoint.take_events()
+        if events:
+            handlers = self._handlers
+            for event in events:
+                # Frames are nearly every event: their handler is called right here, as
+                # `_dispatch` would (frames go to their kind's handler, not to listeners).
+                if type(event) is FrameReceived:
+                    handler = handlers.get(event.kind)
+                    if handler is not None:
+                        try:
+                            handler(event)
+                        except Exception:  # a broken handler must not stop the link
+                            endpoint.stats["error.handler"] += 1
+                            log.exception("link.handler_failed", kind=event.kind)
+                else:
+                    self._dispatch(event)
         deadline = endpoint.get_timer()
         if deadline != self._timer_at:
             if self._timer is not None:
