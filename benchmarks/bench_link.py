@@ -27,8 +27,8 @@ all traffic on 127.0.0.0/8:
    encrypted/plain is reported against both baselines; the 70% target is judged against
    (a), the plain Python UDP sender/receiver the issue names. (b) is a reference: the
    link driver's own read technique with no crypto at all. 70% of (b) is out of reach
-   for any per-datagram AEAD in Python (an open alone, ~1.8 us, is more than 70% of
-   (b)'s whole ~1.7 us per datagram would leave); benchmarks/README.md has the numbers.
+   for any per-datagram AEAD in Python: it leaves ~2.7 us per datagram, less than an
+   open (~1.8 us) plus that read loop (~1.7 us); benchmarks/README.md has the numbers.
 2. Handshakes/s a responder ``LinkService`` completes (rate limiter set out of the way):
    an initiator process drives sans-IO ``LinkEndpoint`` objects over a raw socket, a
    window of handshakes in flight. Also the responder's CPU time per handshake, so its
