@@ -110,8 +110,8 @@ class Plan:
     publish: float  # fraction of the nodes that publish (the exits always do)
     loss: float
     seed: int
-    ksize: int = 20
-    alpha: int = 3
+    ksize: int = DhtConfig().ksize  # the shipped defaults
+    alpha: int = DhtConfig().alpha
 
 
 DEFAULT = Plan(nodes=2000, lookups=200, churn=0.20, exit_trials=20, publish=1.0, loss=0.0, seed=1)
@@ -763,8 +763,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--publish", type=float, help="fraction of nodes that publish (default 1; quick 0.25)"
     )
-    parser.add_argument("--ksize", type=int, help="DhtConfig.ksize (default 20)")
-    parser.add_argument("--alpha", type=int, help="DhtConfig.alpha (default 3)")
+    parser.add_argument("--ksize", type=int, help=f"DhtConfig.ksize (default {DhtConfig().ksize})")
+    parser.add_argument("--alpha", type=int, help=f"DhtConfig.alpha (default {DhtConfig().alpha})")
     parser.add_argument("--seed", type=int, help="RNG seed (default 1)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else DEFAULT

@@ -2,7 +2,8 @@
 
 Commands: ``init`` (create an identity and config.toml), ``id`` (show node id and contact
 string). Node commands (``run``, ``ping``, ``demo``) are added at the end of this file;
-``peers`` and ``lookup`` ask a running node through its control API (meshnode/control.py).
+``peers``, ``lookup``, ``circuit build`` / ``circuit close`` and ``route`` ask a running
+node through its control API (meshnode/control.py).
 
 Exit codes (also in ``meshnode --help``):
 
@@ -45,7 +46,13 @@ from meshnode.config import (
     normalize_region,
 )
 from meshnode.contact import Contact, format_hostport
-from meshnode.control import ControlError, ControlNotRunningError, control_get, parse_node_id
+from meshnode.control import (
+    ControlError,
+    ControlNotRunningError,
+    control_get,
+    control_request,
+    parse_node_id,
+)
 from meshnode.demo import run_demo
 from meshnode.errors import ConfigError, ContactError, DecodeError, IdentityError, MeshError
 from meshnode.identity import (
@@ -514,16 +521,30 @@ def _ask_node(
     try:
         return asyncio.run(control_get(home, path, params, timeout=timeout))
     except ControlNotRunningError as exc:
-        # Perhaps a node runs there with the control API turned off: say so too.
-        enabled = True
-        with contextlib.suppress(MeshError):
-            enabled = load_config(home).control.enabled
-        if enabled:
-            raise
-        raise ControlNotRunningError(
-            f"{exc}; note that {home / CONFIG_FILE} turns the control API off "
-            "([control] enabled = false), so `peers` and `lookup` cannot reach its node"
-        ) from None
+        raise _not_running(home, exc) from None
+
+
+def _ask_node_to(
+    home: Path, method: str, path: str, *, body: object = None, timeout: float = 10.0
+) -> object:
+    """As :func:`_ask_node`, with another method and a JSON body."""
+    try:
+        return asyncio.run(control_request(home, method, path, body=body, timeout=timeout))
+    except ControlNotRunningError as exc:
+        raise _not_running(home, exc) from None
+
+
+def _not_running(home: Path, exc: ControlNotRunningError) -> ControlNotRunningError:
+    # Perhaps a node runs there with the control API turned off: say so too.
+    enabled = True
+    with contextlib.suppress(MeshError):
+        enabled = load_config(home).control.enabled
+    if enabled:
+        return exc
+    return ControlNotRunningError(
+        f"{exc}; note that {home / CONFIG_FILE} turns the control API off "
+        "([control] enabled = false), so commands that ask the node cannot reach it"
+    )
 
 
 def _user_text(normalize: Callable[[str], str]) -> Callable[..., str | None]:
@@ -736,4 +757,223 @@ def lookup(home: Path, node_id: str, as_json: bool, timeout: float) -> None:
         click.echo(json.dumps(record))
         return
     for line in format_descriptor(record):
+        click.echo(line)
+
+
+# --- Circuits -----------------------------------------------------------------------------
+# `circuit build`, `circuit close` and `route` ask the running node to build, close and list
+# its circuits (POST / DELETE / GET /v1/circuits).
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    every = [tuple(header), *(tuple(r) for r in rows)]
+    widths = [max(len(row[i]) for row in every) for i in range(len(header))]
+    return [
+        indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in every
+    ]
+
+
+def format_ms(value: object) -> str:
+    """A duration in milliseconds for tables: ``"0.412 ms"``, ``"12.3 ms"``; ``"-"`` if unknown."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    return f"{value:.3g} ms" if value < 100 else f"{value:.0f} ms"
+
+
+def _position(index: int, count: int) -> str:
+    if count == 1:
+        return "exit"
+    return "entry" if index == 1 else "exit" if index == count else "middle"
+
+
+def format_hops(hops: Sequence[Mapping[str, Any]], indent: str = "") -> list[str]:
+    """One row per hop: index, node id (16 characters), operator, region/country,
+    address, median probe RTT, probes lost/sent, health factor and position."""
+    header = ("HOP", "NODE ID", "OPERATOR", "REGION/CC", "ADDRESS", "RTT", "LOST", "HEALTH", "AS")
+    rows = []
+    for hop in hops:
+        index = int(hop.get("hop", 0))
+        health = hop.get("health")
+        rows.append(
+            (
+                str(index),
+                str(hop.get("node_id", "?"))[:16],
+                _short(str(hop.get("operator") or "-"), 24),
+                _place(hop),
+                str(hop.get("address") or "-"),
+                format_ms(hop.get("rtt_ms")),
+                f"{hop.get('probes_lost', 0)}/{hop.get('probes_sent', 0)}",
+                f"{health:.2f}" if isinstance(health, int | float) else "-",
+                _position(index, len(hops)),
+            )
+        )
+    return _table(header, rows, indent)
+
+
+def format_circuit(record: Mapping[str, Any]) -> list[str]:
+    """The lines `meshnode circuit build` prints for one circuit (``/v1/circuits`` JSON)."""
+    hops = record.get("hops") or []
+    attempts = int(record.get("attempts") or 1)
+    first = (
+        f"circuit {record.get('id')}: {record.get('state')}, {len(hops)} "
+        f"hop{'s' if len(hops) != 1 else ''}, built in {format_ms(record.get('build_ms'))}"
+    )
+    if attempts > 1:
+        first += f" (attempt {attempts})"
+    if record.get("port") is not None:
+        first += f", exit accepts port {record['port']}"
+    lines = [first, *format_hops(hops)]
+    lines.append("path: " + " > ".join(str(h.get("node_id", "?"))[:16] for h in hops))
+    lines.extend(f"retried: {text}" for text in record.get("failed_attempts") or [])
+    if record.get("reason"):
+        lines.append(f"reason: {record['reason']}")
+    return lines
+
+
+def format_route(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The lines `meshnode route` prints: each circuit, its hops and health, and a count."""
+    lines: list[str] = []
+    for record in records:
+        hops = record.get("hops") or []
+        head = (
+            f"circuit {record.get('id')}  {record.get('state')}  {len(hops)} hops  "
+            f"built in {format_ms(record.get('build_ms'))}  "
+            f"age {format_age(float(record.get('age_s') or 0))}"
+        )
+        if record.get("reason"):
+            head += f"  ({record['reason']})"
+        lines.append(head)
+        lines.extend(format_hops(hops, indent="  "))
+    open_count = sum(1 for r in records if r.get("state") == "open")
+    lines.append(f"{len(records)} circuit{'s' if len(records) != 1 else ''} ({open_count} open)")
+    return lines
+
+
+@main.group(cls=MeshGroup)
+def circuit() -> None:
+    """Build and close circuits on the running node (see also `meshnode route`).
+
+    \b
+    Examples:
+      meshnode circuit build
+      meshnode circuit build --hops 2 --port 443 --json
+      meshnode circuit close 3
+    """
+
+
+@circuit.command(name="build")
+@home_option
+@click.option(
+    "--hops",
+    type=click.IntRange(1, 5),
+    default=None,
+    help="Hops of the circuit, entry to exit. [default: [circuits] hops, 3]",
+)
+@click.option(
+    "--exit",
+    "exit_id",
+    metavar="NODE_ID",
+    default=None,
+    help="End at this exit (a node id as `meshnode peers --role exit --json` prints it).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Only exits whose exit policy allows this port (e.g. 443).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the circuit's JSON object instead.")
+@click.option(
+    "--timeout",
+    default=120.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 600.0),
+    help="Seconds to wait for the node (a build may retry through other relays).",
+)
+def circuit_build(
+    home: Path,
+    hops: int | None,
+    exit_id: str | None,
+    port: int | None,
+    as_json: bool,
+    timeout: float,
+) -> None:
+    """Build a circuit through relays the node found in the DHT, and show its path.
+
+    The running node (same --home) picks an entry guard, middle relays and an exit
+    (distinct nodes, operators and subnets), builds the circuit in one round trip,
+    retries through other relays if a hop fails, then probes every hop three times.
+    Prints each hop's index, node id, operator, region/country, address, round-trip
+    time from the probes (median), and the build time. Exits 1 when no circuit can be
+    built (the message says why: no such exit, too few relays, a hop timed out ...).
+
+    \b
+    Examples:
+      meshnode circuit build
+      meshnode circuit build --hops 2 --port 443
+      meshnode circuit build --exit 5bfqqnzyhdvvmrrwn7dyvsvanmwaiopl --json | jq .hops
+    """
+    body: dict[str, object] = {}
+    if hops is not None:
+        body["hops"] = hops
+    if exit_id is not None:
+        try:
+            parse_node_id(exit_id)
+        except DecodeError as exc:
+            raise click.BadParameter(str(exc), param_hint="--exit") from None
+        body["exit"] = exit_id.strip()
+    if port is not None:
+        body["port"] = port
+    record = _ask_node_to(home, "POST", "/v1/circuits", body=body, timeout=timeout)
+    if not isinstance(record, dict):
+        raise ControlError("the node's answer is not a circuit (is it another version?)")
+    if as_json:
+        click.echo(json.dumps(record))
+        return
+    for line in format_circuit(record):
+        click.echo(line)
+
+
+@circuit.command(name="close")
+@click.argument("circuit_id", type=click.IntRange(1, 10**12), metavar="ID")
+@home_option
+def circuit_close(circuit_id: int, home: Path) -> None:
+    """Close circuit ID (as `meshnode route` lists it): its hops release it at once.
+
+    \b
+    Example:
+      meshnode circuit close 3
+    """
+    answer = _ask_node_to(home, "DELETE", f"/v1/circuits/{circuit_id}")
+    closed = isinstance(answer, dict) and answer.get("closed") is True
+    click.echo(f"circuit {circuit_id} closed" if closed else f"circuit {circuit_id} had ended")
+
+
+@main.command()
+@home_option
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON list of circuits instead.")
+def route(home: Path, as_json: bool) -> None:
+    """Show the running node's circuits: state, hops and their health.
+
+    Lists circuits being built and open ones, then the last ones that ended (failed:
+    the node found a hop silent or its link lost; destroyed: a hop tore it down; closed:
+    closed here). Per hop: median probe RTT, probes lost/sent, and the relay's health
+    factor (1.00 = nothing against it; failed builds and lost probes lower it).
+
+    \b
+    Examples:
+      meshnode route
+      meshnode route --json | jq '.[] | select(.state == "open") | .id'
+    """
+    found = _ask_node(home, "/v1/circuits")
+    if not isinstance(found, list):
+        raise ControlError("the node's answer is not a list of circuits (is it another version?)")
+    if as_json:
+        click.echo(json.dumps(found))
+        return
+    if not found:
+        click.echo("no circuits yet (build one with `meshnode circuit build`)")
+        return
+    for line in format_route(found):
         click.echo(line)

@@ -1,6 +1,6 @@
 """Node configuration: config.toml plus command-line overrides -> one frozen NodeConfig.
 
-The file has five tables::
+The file has six tables::
 
     [node]     listen = "HOST:PORT", advertise = "HOST:PORT", role = "client", bootstrap = [...],
                region = "EU", country = "DE", operator = "...", operator_contact = "...",
@@ -9,6 +9,7 @@ The file has five tables::
     [control]  enabled = true, listen = "127.0.0.1:0"   (loopback only)
     [link]     every field of meshnode.link.config.LinkConfig, by name
     [dht]      every field of discovery.dht.DhtConfig, by name
+    [circuits] every field of routing.manager.CircuitConfig, by name
 
 Every problem (unknown table or key, wrong type, bad value, invalid TOML) is a
 :class:`~meshnode.errors.ConfigError` whose ``key`` is the dotted path (``link.max_peers``)
@@ -43,6 +44,7 @@ from discovery.dht import DhtConfig
 from meshnode.contact import Contact, format_hostport, parse_hostport
 from meshnode.errors import ConfigError, ContactError
 from meshnode.link.config import LinkConfig
+from routing.manager import CircuitConfig
 
 CONFIG_FILE = "config.toml"
 COMMAND_LINE = "command line"
@@ -145,6 +147,7 @@ class NodeConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     dht: DhtConfig = field(default_factory=DhtConfig)
+    circuits: CircuitConfig = field(default_factory=CircuitConfig)
 
     def __post_init__(self) -> None:
         # Fields load_config has already checked; checked again so that no NodeConfig
@@ -365,6 +368,7 @@ def _build(home: Path, settings: _Settings, file_source: str) -> NodeConfig:
         ),
         link=_build_section("link", LinkConfig, settings, file_source),
         dht=_build_section("dht", DhtConfig, settings, file_source),
+        circuits=_build_section("circuits", CircuitConfig, settings, file_source),
     )
 
 
@@ -517,12 +521,13 @@ def _bootstrap(value: object, key: str, source: str) -> tuple[Contact, ...]:
     return tuple(contacts)
 
 
-# --- [link] and [dht]: built from the fields of a layer's config dataclass ---------------
-# A new field of LinkConfig (meshnode/link/config.py) or DhtConfig (discovery/dht.py) needs
-# no change here: the table takes every field by name, typed by its annotation.
+# --- [link], [dht], [circuits]: built from the fields of a layer's config dataclass -------
+# A new field of LinkConfig (meshnode/link/config.py), DhtConfig (discovery/dht.py) or
+# CircuitConfig (routing/manager.py) needs no change here: the table takes every field by
+# name, typed by its annotation.
 
 _Section = typing.TypeVar("_Section")
-_SECTIONS: dict[str, type] = {"link": LinkConfig, "dht": DhtConfig}
+_SECTIONS: dict[str, type] = {"link": LinkConfig, "dht": DhtConfig, "circuits": CircuitConfig}
 _SCALARS = (int, float, bool, str)
 
 
@@ -705,5 +710,11 @@ def default_config_text(
         "# DHT tunables (Kademlia over our links; see discovery/dht.py); the built-in defaults",
         "# are shown. To change one, uncomment the [dht] line and that key. Durations in seconds.",
         *_commented_defaults(DhtConfig),
+        "",
+        "# [circuits]",
+        "# Circuit building and health (routing/manager.py); the built-in defaults are shown.",
+        "# To change one, uncomment the [circuits] line and that key. Durations in seconds.",
+        "# A testnet on one machine (every node on 127.x) needs allow_same_subnet = true.",
+        *_commented_defaults(CircuitConfig),
     ]
     return "\n".join(lines) + "\n"

@@ -1,12 +1,15 @@
 """The local control API: a small JSON-over-HTTP server on loopback, and its client.
 
-The running node serves it (:class:`ControlServer`); ``meshnode peers`` / ``meshnode
-lookup`` read it (:func:`control_get`). Endpoints, JSON shapes and error codes are in
-docs/control-api.md:
+The running node serves it (:class:`ControlServer`); ``meshnode peers`` / ``lookup`` /
+``circuit build`` / ``route`` use it (:func:`control_get`, :func:`control_request`).
+Endpoints, JSON shapes and error codes are in docs/control-api.md:
 
 - ``GET /v1/status``               the node's own status (:meth:`ControlBackend.control_status`)
 - ``GET /v1/peers?role=&region=&country=``  descriptors in the node's directory
 - ``GET /v1/lookup/{node_id}``     a descriptor fetched from the DHT and verified
+- ``POST /v1/circuits``            build a circuit (JSON body ``{"hops", "exit", "port"}``)
+- ``GET /v1/circuits``             the node's circuits, their hops and health
+- ``DELETE /v1/circuits/{id}``     close one of them
 
 Access: every request carries ``Authorization: Bearer <token>``; the token (32 random
 bytes, hex) is in ``HOME/control.token`` (mode 0600), so only the node's owner (and root)
@@ -42,6 +45,8 @@ from discovery.directory import Directory
 from meshnode.contact import format_hostport
 from meshnode.errors import DecodeError, LocalProtocolError, MeshError
 from meshnode.identity import NODE_ID_BYTES, b32decode, b32encode
+from routing.manager import CircuitError, CircuitErrorKind
+from routing.onion import MAX_HOPS
 
 __all__ = [
     "CONTROL_FILE",
@@ -51,7 +56,9 @@ __all__ = [
     "ControlError",
     "ControlNotRunningError",
     "ControlServer",
+    "circuit_request",
     "control_get",
+    "control_request",
     "descriptor_json",
     "parse_node_id",
     "peer_json",
@@ -62,7 +69,7 @@ log = structlog.get_logger("meshnode.control")
 CONTROL_FILE = "control.json"
 TOKEN_FILE = "control.token"  # noqa: S105 - a file name, not a secret
 TOKEN_BYTES = 32
-MAX_BODY_BYTES = 1024  # no endpoint takes a body; refuse anything bigger unread
+MAX_BODY_BYTES = 1024  # only POST /v1/circuits takes a (small) body; bigger: refused unread
 PEER_FILTERS = ("role", "region", "country")
 _HEX_ID_CHARS = 2 * NODE_ID_BYTES
 
@@ -97,6 +104,21 @@ class ControlBackend(Protocol):
 
     async def control_lookup(self, node_id: bytes) -> SignedDescriptor | None:
         """Fetch ``node_id``'s descriptor from the DHT and verify it; None when not found."""
+        ...
+
+    async def control_build(
+        self, hops: int | None, exit_id: bytes | None, port: int | None
+    ) -> dict[str, object]:
+        """Build a circuit (defaults: the node's hop count, any exit, any port), probe
+        its hops, and describe it; :class:`routing.manager.CircuitError` when it cannot."""
+        ...
+
+    def control_circuits(self) -> list[dict[str, object]]:
+        """The node's circuits, their hops and health."""
+        ...
+
+    def control_destroy(self, circuit_id: int) -> bool:
+        """Close a circuit; False when it had already ended; CircuitError if unknown."""
         ...
 
 
@@ -142,6 +164,47 @@ def descriptor_json(descriptor: SignedDescriptor, now: float) -> dict[str, objec
     record["exit_policy"] = [[lo, hi] for lo, hi in body.exit_policy]
     record["stake_ref"] = body.stake_ref
     return record
+
+
+CIRCUIT_FIELDS = ("hops", "exit", "port")
+
+# CircuitError.kind -> HTTP status.
+CIRCUIT_STATUS: dict[CircuitErrorKind, int] = {
+    "bad_request": 400,
+    "unknown_exit": 404,
+    "unknown_circuit": 404,
+    "not_open": 409,
+    "failed": 502,
+    "no_path": 503,
+    "timeout": 504,
+}
+
+
+def circuit_request(document: object) -> tuple[int | None, bytes | None, int | None]:
+    """``(hops, exit node id, port)`` from a ``POST /v1/circuits`` body (None: default).
+
+    Raises :class:`DecodeError` with a message for the user for anything else.
+    """
+    if document is None:
+        return None, None, None
+    if not isinstance(document, dict):
+        raise DecodeError('the body must be a JSON object such as {"hops": 3}')
+    unknown = sorted(set(document) - set(CIRCUIT_FIELDS))
+    if unknown:
+        raise DecodeError(f"unknown field {unknown[0]!r} (known: {', '.join(CIRCUIT_FIELDS)})")
+    hops = document.get("hops")
+    if hops is not None and (type(hops) is not int or not 1 <= hops <= MAX_HOPS):
+        raise DecodeError(f"hops must be an integer from 1 to {MAX_HOPS}")
+    exit_text = document.get("exit")
+    exit_id = None
+    if exit_text is not None:
+        if not isinstance(exit_text, str):
+            raise DecodeError("exit must be a node id string")
+        exit_id = parse_node_id(exit_text)
+    port = document.get("port")
+    if port is not None and (type(port) is not int or not 1 <= port <= 65535):
+        raise DecodeError("port must be an integer from 1 to 65535")
+    return hops, exit_id, port
 
 
 def parse_node_id(text: str) -> bytes:
@@ -226,6 +289,9 @@ class ControlServer:
         app.router.add_get("/v1/status", self._status)
         app.router.add_get("/v1/peers", self._peers)
         app.router.add_get("/v1/lookup/{node_id}", self._lookup)
+        app.router.add_post("/v1/circuits", self._build_circuit)
+        app.router.add_get("/v1/circuits", self._circuits)
+        app.router.add_delete("/v1/circuits/{circuit_id}", self._destroy_circuit)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -349,6 +415,42 @@ class ControlServer:
             return _error(404, f"node {b32encode(node_id)} not found in the DHT")
         return web.json_response(descriptor_json(descriptor, self._clock()))
 
+    async def _build_circuit(self, request: web.Request) -> web.Response:
+        if request.query:
+            return _error(400, "POST /v1/circuits takes no query parameters (use the body)")
+        raw = await request.read()
+        document: object = None
+        if raw.strip():
+            try:
+                document = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return _error(400, "the body is not JSON")
+        try:
+            hops, exit_id, port = circuit_request(document)
+        except DecodeError as exc:
+            return _error(400, str(exc))
+        try:
+            circuit = await self.backend.control_build(hops, exit_id, port)
+        except CircuitError as exc:
+            return _error(CIRCUIT_STATUS.get(exc.kind, 502), str(exc))
+        return web.json_response(circuit, status=201)
+
+    async def _circuits(self, request: web.Request) -> web.Response:
+        if request.query:
+            return _error(400, "GET /v1/circuits takes no parameters")
+        return web.json_response(self.backend.control_circuits())
+
+    async def _destroy_circuit(self, request: web.Request) -> web.Response:
+        text = request.match_info["circuit_id"]
+        if not (text.isascii() and text.isdigit()) or len(text) > 12:
+            return _error(400, f"{text!r} is not a circuit id (a number, see GET /v1/circuits)")
+        circuit_id = int(text)
+        try:
+            closed = self.backend.control_destroy(circuit_id)
+        except CircuitError as exc:
+            return _error(CIRCUIT_STATUS.get(exc.kind, 502), str(exc))
+        return web.json_response({"id": circuit_id, "closed": closed})
+
 
 def _upper(value: str | None) -> str | None:
     # str.upper() maps some non-ASCII letters to ASCII ones (dotless i -> "I"): only ASCII is
@@ -447,12 +549,32 @@ async def control_get(
     unreadable, the node not answering, or the server's own ``error`` text (``status``
     set) when it refused the request.
     """
+    return await control_request(home, "GET", path, params, timeout=timeout)
+
+
+async def control_request(
+    home: Path,
+    method: str,
+    path: str,
+    params: Mapping[str, str] | None = None,
+    *,
+    body: object = None,
+    timeout: float = 10.0,
+) -> object:
+    """``method`` ``path`` on the node running with ``home``, with ``body`` as JSON when
+    given; the JSON answer. Errors as :func:`control_get`."""
     url, token = _read_endpoint(home)
     headers = {"Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode("utf-8")
+        headers["Content-Type"] = "application/json"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url + path, params=dict(params or {}), headers=headers) as response,
+            session.request(
+                method, url + path, params=dict(params or {}), headers=headers, data=data
+            ) as response,
         ):
             raw = await response.read()
             status = response.status

@@ -5,7 +5,14 @@ from saved contacts and bootstrap contacts, publish our descriptor if we relay o
 then a discovery round every ``dht.refresh_interval_s``: provider lookups for relays and
 exits plus a random walk), keeps every verified descriptor it learns in a cache that
 the directory view is built from, persists the routing table and caches in the state
-directory, and serves the local control API. Routing plugs in here with issue 5.
+directory, and serves the local control API.
+
+Routing: every node runs a :class:`~routing.manager.CircuitManager` (started after the
+DHT) for its own circuits; relays and exits also hold onion keys
+(:class:`~routing.onionkeys.OnionKeyring`, saved in ``state/onion-keys.json``, mode
+0600, rotated on its timer with the descriptor republished after each rotation) and
+relay other nodes' circuits. Entry guards, relay health and the learned build timeout
+are saved in the state directory too.
 
 Not here: protocol logic (the layers' sans-IO cores), argument parsing (cli.py).
 """
@@ -44,9 +51,13 @@ from meshnode.config import NodeConfig, Role
 from meshnode.contact import Contact, format_hostport
 from meshnode.control import ControlServer
 from meshnode.errors import DecodeError
-from meshnode.identity import Identity, b32encode
+from meshnode.identity import Identity, NodeId, b32encode
 from meshnode.link.events import LinkEvent, PeerRoamed, SessionClosed, SessionEstablished
 from meshnode.link.udp import LinkService, LinkUnreachableError
+from routing.health import BuildTimeout, HealthBook
+from routing.manager import CircuitError, CircuitManager
+from routing.onionkeys import KEYRING_FORMAT, OnionKeyring
+from routing.path import GuardSet
 
 log = structlog.get_logger("meshnode.node")
 
@@ -59,8 +70,12 @@ STATE_FILES = {
     "cache": "descriptors.json",  # every verified descriptor we learned (the directory)
     "store": "dht-store.json",  # records we hold for the DHT
     "providers": "providers.json",  # provider sets we hold for the DHT
-    "onion": "onion-keys.json",  # onion keys (private; rotation comes with issue 5)
+    "onion": "onion-keys.json",  # onion keys (private): relays and exits
+    "guards": "guards.json",  # our entry guards
+    "health": "relay-health.json",  # relays' build and probe record, as we measured it
+    "build_timeout": "build-timeout.json",  # observed build times (the learned timeout)
 }
+KEYRING_CHECK_MAX_S = 3600.0  # the rotation task looks at the keyring at least this often
 
 
 class Node:
@@ -73,6 +88,8 @@ class Node:
         self.dht: DhtNode | None = None
         self.control: ControlServer | None = None
         self.descriptor: SignedDescriptor | None = None
+        self.keyring: OnionKeyring | None = None
+        self.circuits: CircuitManager | None = None
         self.cache = DescriptorStore()
         self._tasks: set[asyncio.Task[None]] = set()
         self._joined = asyncio.Event()
@@ -104,6 +121,19 @@ class Node:
             providers=providers,
             on_descriptor=self._learn,
         )
+        if self._publishes():
+            self.keyring = self._load_keyring(now)
+        self.circuits = CircuitManager(
+            self.link,
+            node_id=self.identity.node_id,
+            directory=self.control_directory,
+            keyring=self.keyring,
+            config=self.config.circuits,
+            guards=self._load("guards", GuardSet.from_json, GuardSet),
+            health=self._load("health", HealthBook.from_json, HealthBook),
+            build_timeout=self._load("build_timeout", BuildTimeout.from_json, BuildTimeout),
+        )
+        self.circuits.start()
         if self.config.control.enabled:
             host, port = self.config.control.listen
             self.control = await ControlServer.start(self, self.config.home, host=host, port=port)
@@ -135,6 +165,8 @@ class Node:
             if on_ready is not None:
                 on_ready(self)
             self._spawn(self._discovery())
+            if self.keyring is not None:
+                self._spawn(self._rotate_onion_keys())
             await self._stop.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,6 +189,8 @@ class Node:
             counters.update(self.dht.stats)
             counters.update(self.dht.store.stats)
             counters.update(self.dht.providers.stats)
+        if self.circuits is not None:
+            counters.update(self.circuits.stats)
         return dict(sorted(counters.items()))
 
     async def aclose(self) -> None:
@@ -167,6 +201,8 @@ class Node:
         if self.control is not None:
             await self.control.close()
             self.control = None
+        if self.circuits is not None:
+            await self.circuits.close()
         self.close()
 
     def close(self) -> None:
@@ -289,24 +325,56 @@ class Node:
         return sign(body, self.identity)
 
     def _onion_keys(self) -> tuple[bytes, bytes]:
-        """Current and next onion public keys, created once and kept in the state dir.
+        """Current and next onion public keys, for the descriptor."""
+        if self.keyring is None:
+            self.keyring = self._load_keyring(time.time())
+        return self.keyring.publics()
 
-        Rotation (a new next key every lifetime, the old one kept for the overlap) is
-        issue 5's, with the circuit code that uses the private halves.
+    def _load_keyring(self, now: float) -> OnionKeyring:
+        """The onion keys from the state dir; new ones (saved at once) when there are none.
+
+        A file from before rotation existed (``{"current": HEX, "next": HEX}``) is taken
+        over with its two keys, so the descriptor's onion keys do not change.
         """
         path = self._path("onion")
         try:
-            data = json.loads(path.read_text())
-            privates = [bytes.fromhex(data["current"]), bytes.fromhex(data["next"])]
-        except (OSError, ValueError, KeyError, TypeError):
-            privates = [crypto.x25519_generate_private(), crypto.x25519_generate_private()]
-            _write_private(
-                path, json.dumps({"current": privates[0].hex(), "next": privates[1].hex()})
-            )
-        return (
-            crypto.x25519_public_from_private(privates[0]),
-            crypto.x25519_public_from_private(privates[1]),
-        )
+            text = path.read_text()
+        except FileNotFoundError:
+            text = None
+        except OSError as exc:
+            log.warning("node.state_unreadable", file=str(path), error=str(exc))
+            text = None
+        keyring = None
+        if text is not None:
+            try:
+                keyring = OnionKeyring.from_json(_upgrade_onion_keys(text, now))
+            except DecodeError as exc:
+                log.warning("node.onion_keys_replaced", file=str(path), error=str(exc))
+        if keyring is None:
+            keyring = OnionKeyring.generate(now=now, random_bytes=crypto.random_bytes)
+        self._save_keyring(keyring)
+        return keyring
+
+    def _save_keyring(self, keyring: OnionKeyring) -> None:
+        try:
+            _write_private(self._path("onion"), keyring.to_json())
+        except OSError as exc:
+            log.warning("node.state_not_saved", file=str(self._path("onion")), error=str(exc))
+
+    async def _rotate_onion_keys(self) -> None:
+        """Rotate the onion keys when due (and drop expired ones); after a rotation, save
+        them and republish the descriptor with the new keys."""
+        keyring = self.keyring
+        assert keyring is not None
+        while True:
+            delay = min(max(keyring.get_timer() - time.time(), 0.0), KEYRING_CHECK_MAX_S)
+            await asyncio.sleep(delay)
+            rotated = keyring.handle_timer(time.time(), crypto.random_bytes)
+            self._save_keyring(keyring)
+            if rotated:
+                log.info("routing.onion_keys_rotated", onion_key=b32encode(keyring.publics()[0]))
+                if self.dht is not None and self.dht.contacts():
+                    await self._publish()
 
     def _learn(self, descriptor: SignedDescriptor) -> None:
         """Keep a verified descriptor in the cache the directory is built from."""
@@ -346,6 +414,11 @@ class Node:
             _write_private(self._path("cache"), self.cache.to_json())
             _write_private(self._path("store"), dht.store.to_json())
             _write_private(self._path("providers"), dht.providers.to_json())
+            circuits = self.circuits
+            if circuits is not None:
+                _write_private(self._path("guards"), circuits.guards.to_json())
+                _write_private(self._path("health"), circuits.health.to_json())
+                _write_private(self._path("build_timeout"), circuits.build_timeout.to_json())
         except OSError as exc:
             log.warning("node.state_not_saved", error=str(exc))
 
@@ -389,6 +462,38 @@ class Node:
             return None
         return await self.dht.get_descriptor(node_id)
 
+    async def control_build(
+        self, hops: int | None, exit_id: bytes | None, port: int | None
+    ) -> dict[str, object]:
+        """Build a circuit, probe its hops three times, and describe it (JSON-able).
+
+        Raises :class:`routing.manager.CircuitError` when no circuit can be built."""
+        circuits = self._circuit_manager()
+        info = await circuits.build(
+            hops=hops, exit_node_id=None if exit_id is None else NodeId(exit_id), port=port
+        )
+        with contextlib.suppress(CircuitError):  # it may fail between build and probes
+            await circuits.probe_all(info.id, rounds=3)
+            info = circuits.circuit(info.id)
+        return info.to_json(time.time())
+
+    def control_circuits(self) -> list[dict[str, object]]:
+        """Our circuits with their hops and health (JSON-able)."""
+        if self.circuits is None:
+            return []
+        now = time.time()
+        return [info.to_json(now) for info in self.circuits.circuits()]
+
+    def control_destroy(self, circuit_id: int) -> bool:
+        """Close circuit ``circuit_id``; False when it had already ended. Raises
+        :class:`routing.manager.CircuitError` (``unknown_circuit``) for an unknown id."""
+        return self._circuit_manager().destroy(circuit_id)
+
+    def _circuit_manager(self) -> CircuitManager:
+        if self.circuits is None:
+            raise CircuitError("failed", "the node's circuit manager is not running")
+        return self.circuits
+
     def _on_link_event(self, event: LinkEvent) -> None:
         if isinstance(event, SessionEstablished) and not event.rekey:
             # Peer addresses are personal data on a relay: info logs carry the node id only.
@@ -418,3 +523,27 @@ def _write_private(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _upgrade_onion_keys(text: str, now: float) -> str:
+    """The keyring JSON for ``text``; a pre-rotation file (two private keys in hex) is
+    converted, its keys made current and next as of ``now``. Other text is returned as
+    it is (OnionKeyring.from_json judges it)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(data, dict) or "format" in data or set(data) != {"current", "next"}:
+        return text
+    entries = {}
+    for name in ("current", "next"):
+        value = data[name]
+        try:
+            private = bytes.fromhex(value) if isinstance(value, str) else b""
+        except ValueError:
+            return text
+        if len(private) != crypto.X25519_KEY_BYTES:
+            return text
+        public = crypto.x25519_public_from_private(private)
+        entries[name] = {"private": private.hex(), "public": public.hex(), "since": float(now)}
+    return json.dumps({"format": KEYRING_FORMAT, **entries, "retired": []})

@@ -309,3 +309,57 @@ def test_help_lists_control_commands() -> None:
         help_text = run(command, "--help").output
         assert "Examples:" in help_text and f"meshnode {command}" in help_text
     assert "--operator-contact" in run("run", "--help").output
+
+
+def test_help_lists_circuit_commands() -> None:
+    result = run("--help")
+    assert "circuit" in result.output and "route" in result.output
+    for command in (["circuit", "build"], ["route"], ["circuit", "close"]):
+        help_text = run(*command, "--help").output
+        assert "Example" in help_text and f"meshnode {' '.join(command)}" in help_text
+    build_help = run("circuit", "build", "--help").output
+    for flag in ("--hops", "--exit", "--port", "--json", "--home"):
+        assert flag in build_help
+    assert "--json" in run("route", "--help").output
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--hops", "0"], "--hops"),
+        (["--hops", "6"], "--hops"),
+        (["--port", "65536"], "--port"),
+        (["--exit", "not-a-node-id"], "--exit"),
+    ],
+)
+def test_circuit_build_bad_flags_are_usage_errors(home: Path, args: list[str], words: str) -> None:
+    # Checked before any node is asked: there is none at this home.
+    result = run("circuit", "build", "--home", str(home), *args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert words in result.stderr
+    assert "no node is running" not in result.stderr
+
+
+def test_circuit_commands_without_a_node_exit_1(home: Path) -> None:
+    for args in (["circuit", "build"], ["route"], ["circuit", "close", "3"]):
+        line = assert_one_line_error(run(*args, "--home", str(home)), EXIT_FAILURE)
+        assert "no node is running with home" in line
+
+
+def test_run_reads_the_circuits_table(home: Path, recorded: list[NodeConfig]) -> None:
+    run("init", "--home", str(home))
+    with (home / CONFIG_FILE).open("a") as f:
+        f.write("\n[circuits]\nallow_same_subnet = true\nhops = 2\nprobe_interval_s = 0\n")
+    assert run("run", "--home", str(home)).exit_code == 0
+    (config,) = recorded
+    assert config.circuits.allow_same_subnet is True
+    assert (config.circuits.hops, config.circuits.probe_interval_s) == (2, 0.0)
+    assert load_config(home.parent / "fresh").circuits.allow_same_subnet is False
+
+
+def test_circuits_table_errors_name_the_key(home: Path) -> None:
+    run("init", "--home", str(home))
+    with (home / CONFIG_FILE).open("a") as f:
+        f.write("\n[circuits]\nhops = 9\n")
+    line = assert_one_line_error(run("id", "--home", str(home)), EXIT_USAGE)
+    assert "circuits.hops" in line and "hops must be an integer from 1 to 5" in line

@@ -9,6 +9,7 @@ asyncio.run) while this test's loop serves the API.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from meshnode.control import (
 )
 from meshnode.errors import DecodeError, MeshError
 from meshnode.identity import Identity, NodeId, b32encode
+from routing.manager import CircuitError, CircuitInfo, HopInfo
 
 T0 = 1_700_000_000
 NOW = T0 + 300  # five minutes after publication
@@ -104,6 +106,8 @@ class FakeNode:
     """A ControlBackend: a fixed directory, and a DHT that knows NETWORK + OUTSIDER."""
 
     def __init__(self, descriptors: tuple[SignedDescriptor, ...] = NETWORK) -> None:
+        self.builds = []
+        self.circuits = []
         self.directory = Directory(descriptors, now=NOW)
         self.dht = {d.node_id: d for d in (*descriptors, OUTSIDER)}
         self.lookups: list[bytes] = []
@@ -123,6 +127,69 @@ class FakeNode:
         if self.lookup_error is not None:
             raise self.lookup_error
         return self.dht.get(NodeId(node_id))
+
+    # Circuits: a build makes a circuit through NETWORK[0], [1] and [4] (the exit).
+    builds: list[tuple[int | None, bytes | None, int | None]]
+    build_error: CircuitError | None = None
+    circuits: list[CircuitInfo]
+
+    async def control_build(
+        self, hops: int | None, exit_id: bytes | None, port: int | None
+    ) -> dict[str, object]:
+        self.builds.append((hops, exit_id, port))
+        if self.build_error is not None:
+            raise self.build_error
+        info = circuit_info(len(self.circuits) + 1, port=port)
+        self.circuits.append(info)
+        return info.to_json(NOW)
+
+    def control_circuits(self) -> list[dict[str, object]]:
+        return [c.to_json(NOW) for c in self.circuits]
+
+    def control_destroy(self, circuit_id: int) -> bool:
+        for i, info in enumerate(self.circuits):
+            if info.id == circuit_id:
+                if info.state != "open":
+                    return False
+                self.circuits[i] = dataclasses.replace(info, state="closed", reason="closed")
+                return True
+        raise CircuitError("unknown_circuit", f"no circuit {circuit_id}")
+
+
+def circuit_info(
+    circuit_id: int, *, state: str = "open", port: int | None = None, reason: str | None = None
+) -> CircuitInfo:
+    path = (NETWORK[0], NETWORK[1], NETWORK[4])
+    hops = tuple(
+        HopInfo(
+            index=i,
+            node_id=d.node_id,
+            operator=d.body.operator.name,
+            region=d.body.region,
+            country=d.body.country,
+            address=d.body.addresses[0],
+            roles=tuple(sorted(r.value for r in d.body.roles)),
+            rtt_s=0.0004 * i,
+            probes_sent=3,
+            probes_answered=3 if state == "open" else 1,
+            probes_lost=0 if state == "open" else 2,
+            weight_factor=1.0,
+        )
+        for i, d in enumerate(path, start=1)
+    )
+    return CircuitInfo(
+        id=circuit_id,
+        state=state,
+        reason=reason,
+        hops=hops,
+        port=port,
+        build_time_s=0.0123,
+        attempts=1,
+        failed_attempts=(),
+        created_at=NOW - 120,
+        opened_at=NOW - 120,
+        ended_at=None,
+    )
 
 
 @pytest.fixture
@@ -725,3 +792,191 @@ def test_format_age(seconds: float, text: str) -> None:
 )
 def test_format_bps(bps: int, text: str) -> None:
     assert format_bps(bps) == text
+
+
+# --- Circuits ---------------------------------------------------------------------------
+
+
+async def test_build_circuit(server: ControlServer, node: FakeNode) -> None:
+    exit_b32 = b32(NETWORK[4])
+    status, body, _ = await http(
+        server, "/v1/circuits", method="POST", json={"hops": 3, "exit": exit_b32, "port": 443}
+    )
+    assert status == 201, body
+    assert node.builds == [(3, NETWORK[4].node_id, 443)]
+    assert body == circuit_info(1, port=443).to_json(NOW)
+    assert [h["node_id"] for h in body["hops"]] == [b32(NETWORK[i]) for i in (0, 1, 4)]
+    hop = body["hops"][2]
+    assert hop["operator"] == "op4" and (hop["region"], hop["country"]) == ("NA", "US")
+    assert hop["address"] == "192.0.2.5:7520"
+    assert hop["rtt_ms"] == 1.2 and hop["probes_lost"] == 0
+    assert body["exit"] == exit_b32 and body["build_ms"] == 12.3
+    # No body (or an empty one): every default.
+    status, _, _ = await http(server, "/v1/circuits", method="POST")
+    assert status == 201
+    status, _, _ = await http(server, "/v1/circuits", method="POST", data=b"{}")
+    assert status == 201
+    status, _, _ = await http(server, "/v1/circuits", method="POST", json={"exit": "ab" * 20})
+    assert status == 201
+    assert node.builds[1:] == [(None, None, None), (None, None, None), (None, b"\xab" * 20, None)]
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"{nope", "not JSON"),
+        (b"[3]", "JSON object"),
+        (b'{"hops": 6}', "hops must be an integer from 1 to 5"),
+        (b'{"hops": true}', "hops must be"),
+        (b'{"hops": "3"}', "hops must be"),
+        (b'{"port": 0}', "port must be"),
+        (b'{"port": 443.0}', "port must be"),
+        (b'{"exit": 5}', "exit must be a node id"),
+        (b'{"exit": "nope"}', "node id"),
+        (b'{"hop": 3}', "unknown field 'hop'"),
+    ],
+)
+async def test_build_circuit_bad_body_400(
+    server: ControlServer, node: FakeNode, data: bytes, words: str
+) -> None:
+    status, body, _ = await http(server, "/v1/circuits", method="POST", data=data)
+    assert status == 400
+    assert words in body["error"]
+    assert node.builds == []
+
+
+async def test_build_circuit_body_limit(server: ControlServer, node: FakeNode) -> None:
+    padded = b'{"hops": 3' + b" " * 1100 + b"}"
+    status, body, _ = await http(server, "/v1/circuits", method="POST", data=padded)
+    assert status == 413 and "1024 bytes" in body["error"]
+    status, body, _ = await http(server, "/v1/circuits?hops=3", method="POST")
+    assert status == 400 and "no query parameters" in body["error"]
+    assert node.builds == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "message", "code"),
+    [
+        ("no_path", "no exit accepts port 25", 503),
+        ("no_path", "only 2 relays usable for a 3-hop path", 503),
+        ("unknown_exit", "exit x is not in this node's directory", 404),
+        ("timeout", "build timed out at hop 2 (abcd)", 504),
+        ("failed", "build refused at hop 1 (abcd): overloaded", 502),
+        ("bad_request", "hops must be an integer from 1 to 5", 400),
+    ],
+)
+async def test_build_circuit_errors(
+    server: ControlServer, node: FakeNode, kind: Any, message: str, code: int
+) -> None:
+    node.build_error = CircuitError(kind, message)
+    status, body, _ = await http(server, "/v1/circuits", method="POST", json={"port": 25})
+    assert (status, body) == (code, {"error": message})
+
+
+async def test_list_and_close_circuits(server: ControlServer, node: FakeNode) -> None:
+    status, body, _ = await http(server, "/v1/circuits")
+    assert (status, body) == (200, [])
+    node.circuits = [
+        circuit_info(1, state="failed", reason="hop 2 (x) stopped answering probes"),
+        circuit_info(2),
+    ]
+    status, body, _ = await http(server, "/v1/circuits")
+    assert status == 200
+    assert [(c["id"], c["state"]) for c in body] == [(1, "failed"), (2, "open")]
+    assert body[0]["reason"] == "hop 2 (x) stopped answering probes"
+    assert all(len(c["hops"]) == 3 for c in body)
+    status, body, _ = await http(server, "/v1/circuits?state=open")
+    assert status == 400
+    status, body, _ = await http(server, "/v1/circuits/2", method="DELETE")
+    assert (status, body) == (200, {"id": 2, "closed": True})
+    status, body, _ = await http(server, "/v1/circuits/2", method="DELETE")
+    assert (status, body) == (200, {"id": 2, "closed": False})
+    status, body, _ = await http(server, "/v1/circuits/9", method="DELETE")
+    assert (status, body) == (404, {"error": "no circuit 9"})
+    status, body, _ = await http(server, "/v1/circuits/x1", method="DELETE")
+    assert status == 400 and "not a circuit id" in body["error"]
+
+
+async def test_circuits_need_the_token(server: ControlServer, node: FakeNode) -> None:
+    status, _, _ = await http(server, "/v1/circuits", method="POST", token="0" * 64, json={})
+    assert status == 401
+    assert node.builds == []
+
+
+async def test_cli_circuit_build(server: ControlServer, node: FakeNode) -> None:
+    home = str(server.home)
+    result = await cli("circuit", "build", "--home", home, "--hops", "3", "--port", "443")
+    assert result.exit_code == 0, result.output
+    assert node.builds == [(3, None, 443)]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "circuit 1: open, 3 hops, built in 12.3 ms, exit accepts port 443"
+    assert lines[1].split() == [
+        "HOP", "NODE", "ID", "OPERATOR", "REGION/CC", "ADDRESS", "RTT", "LOST", "HEALTH", "AS",
+    ]  # fmt: skip
+    rows = [line.split() for line in lines[2:5]]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    assert [r[1] for r in rows] == [b32(NETWORK[i])[:16] for i in (0, 1, 4)]
+    assert rows[2][2:5] == ["op4", "NA/US", "192.0.2.5:7520"]
+    assert rows[2][5:8] == ["1.2", "ms", "0/3"]
+    assert [r[-1] for r in rows] == ["entry", "middle", "exit"]
+    assert lines[5] == "path: " + " > ".join(b32(NETWORK[i])[:16] for i in (0, 1, 4))
+    result = await cli("circuit", "build", "--home", home, "--exit", b32(NETWORK[4]), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == circuit_info(2).to_json(NOW)
+    assert node.builds[1] == (None, NETWORK[4].node_id, None)
+
+
+async def test_cli_circuit_build_failure_exits_1(server: ControlServer, node: FakeNode) -> None:
+    node.build_error = CircuitError("no_path", "no exit accepts port 25")
+    result = await cli("circuit", "build", "--home", str(server.home), "--port", "25")
+    assert one_line_error(result, EXIT_FAILURE) == "meshnode: error: no exit accepts port 25"
+
+
+async def test_cli_circuit_build_bad_flags_exit_2(server: ControlServer, node: FakeNode) -> None:
+    home = str(server.home)
+    for args in (["--hops", "6"], ["--exit", "nope"], ["--port", "0"]):
+        result = await cli("circuit", "build", "--home", home, *args)
+        assert result.exit_code == EXIT_USAGE, (args, result.output)
+        assert args[0] in result.stderr
+    assert node.builds == []
+
+
+async def test_cli_route(server: ControlServer, node: FakeNode) -> None:
+    home = str(server.home)
+    result = await cli("route", "--home", home)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "no circuits yet (build one with `meshnode circuit build`)\n"
+    node.circuits = [
+        circuit_info(2),
+        circuit_info(1, state="failed", reason="hop 2 (x) stopped answering probes"),
+    ]
+    result = await cli("route", "--home", home)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "circuit 2  open  3 hops  built in 12.3 ms  age 2m"
+    assert lines[1].split()[:3] == ["HOP", "NODE", "ID"]
+    assert lines[2].split()[:2] == ["1", b32(NETWORK[0])[:16]]
+    assert lines[5] == (
+        "circuit 1  failed  3 hops  built in 12.3 ms  age 2m  (hop 2 (x) stopped answering probes)"
+    )
+    assert lines[8].split()[7] == "2/3"  # hop 2 of the failed circuit: 2 of 3 probes lost
+    assert lines[-1] == "2 circuits (1 open)"
+    result = await cli("route", "--home", home, "--json")
+    assert json.loads(result.stdout) == node.control_circuits()
+
+
+async def test_cli_circuit_close(server: ControlServer, node: FakeNode) -> None:
+    node.circuits = [circuit_info(1)]
+    result = await cli("circuit", "close", "1", "--home", str(server.home))
+    assert (result.exit_code, result.stdout) == (0, "circuit 1 closed\n")
+    result = await cli("circuit", "close", "1", "--home", str(server.home))
+    assert (result.exit_code, result.stdout) == (0, "circuit 1 had ended\n")
+    result = await cli("circuit", "close", "7", "--home", str(server.home))
+    assert one_line_error(result, EXIT_FAILURE) == "meshnode: error: no circuit 7"
+
+
+async def test_cli_circuits_without_a_node_exit_1(home: Path) -> None:
+    line = one_line_error(await cli("circuit", "build", "--home", str(home)), EXIT_FAILURE)
+    assert "no node is running with home" in line
+    line = one_line_error(await cli("route", "--home", str(home)), EXIT_FAILURE)
+    assert "no node is running with home" in line
