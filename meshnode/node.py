@@ -76,6 +76,7 @@ STATE_FILES = {
     "build_timeout": "build-timeout.json",  # observed build times (the learned timeout)
 }
 KEYRING_CHECK_MAX_S = 3600.0  # the rotation task looks at the keyring at least this often
+SHUTDOWN_FLUSH_S = 1.0  # on shutdown, the longest we wait for queued DESTROYs to leave
 
 
 class Node:
@@ -202,8 +203,22 @@ class Node:
             await self.control.close()
             self.control = None
         if self.circuits is not None:
-            await self.circuits.close()
+            await self._close_circuits(self.circuits)
         self.close()
+
+    async def _close_circuits(self, circuits: CircuitManager) -> None:
+        """Tell the neighbours before the link goes (CircuitManager.close destroys every
+        circuit we relay or built), then let the link's send queue drain."""
+        await circuits.close()
+        link = self.link
+        if link is None:
+            return
+        # link.send hands datagrams to the kernel at once unless its buffer is full; what
+        # waits in the link's queue would be dropped by link.close(): give it a moment.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_FLUSH_S
+        while link.get_write_buffer_size() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def close(self) -> None:
         if self.dht is not None:

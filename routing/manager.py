@@ -426,10 +426,10 @@ class CircuitManager:
         return self.relay is not None
 
     async def close(self, *, graceful: bool = True) -> None:
-        """Cancel every task; with ``graceful``, first destroy our own circuits (a DESTROY
-        to each first hop) so their relays release them at once. Circuits we relay are
-        not torn down here (the relay core has no close-all call): neighbours learn from
-        the link's dead-peer detection."""
+        """Cancel every task; with ``graceful``, first tell the neighbours: every circuit
+        we relay is destroyed toward both sides (reason SHUTDOWN) and each of our own gets
+        a DESTROY to its first hop, so nobody waits for an idle timeout or a dead-peer
+        detection. The cells are handed to the link before this returns."""
         if self._closed:
             return
         if self._loop is not None:
@@ -445,6 +445,8 @@ class CircuitManager:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _teardown(self, graceful: bool) -> None:
+        if graceful and self.relay is not None:
+            self.relay.close_all(DestroyReason.SHUTDOWN)
         for managed in list(self._circuits.values()):
             if graceful and managed.circuit.state is not CircuitState.CLOSED:
                 self._send(managed.circuit.first_hop, managed.circuit.destroy())

@@ -5,6 +5,7 @@ Inputs, as in every core (docs/circuits.md; STYLE.md §7):
 - ``receive(peer, cell, now)``: a cell from a neighbour, named by its link key;
 - ``peer_unreachable(peer, now)``: the link to a neighbour is gone (or could not be made);
 - ``send_data(handle, data)`` / ``close(handle, reason)``: the exit service's calls;
+- ``close_all(reason)``: the node is shutting down; every circuit is destroyed both ways;
 - ``handle_timer(now)`` when ``get_timer()`` is due.
 
 Outputs: ``cells_to_send()`` returns :class:`SendCell` (send ``cell`` to ``peer`` on its
@@ -131,6 +132,7 @@ class DestroyReason(enum.IntEnum):
     IDLE = 2  # no cell for the idle timeout
     PEER_LOST = 3  # a link on the path went down
     BUILD_FAILED = 4  # the build did not complete
+    SHUTDOWN = 5  # the relay is shutting down (:meth:`Relay.close_all`)
 
 
 def destroy_cell(circ_id: int, reason: int, random_bytes: RandomBytes) -> Cell:
@@ -584,6 +586,21 @@ class Relay:
             return False
         self._close(circuit, reason, to_prev=True, to_next=False, event=False)
         return True
+
+    def close_all(self, reason: int = DestroyReason.SHUTDOWN) -> None:
+        """Destroy every circuit through this node at once, for a shutdown: a DESTROY
+        carrying ``reason`` to each circuit's predecessor and (if any) successor, so the
+        neighbours release them now rather than at their idle timeout or when the link is
+        found dead. Extensions still waiting for a BUILD_REPLY are destroyed the same way
+        (the client sees its build destroyed); circuits ending here produce
+        :class:`CircuitClosed`. The relay is empty afterwards; it keeps serving builds
+        given to it later (the driver stops feeding it)."""
+        if not 0 <= reason <= 255:
+            raise LocalProtocolError(f"destroy reason {reason} is not a byte")
+        circuits = [c for link in self._links.values() for c in link.inbound.values()]
+        for circuit in circuits:  # every circuit is in exactly one inbound table
+            self._close(circuit, reason, to_prev=True, to_next=True)
+        self._stats["relay.shutdown"] += len(circuits)
 
     # --- timers -------------------------------------------------------------------------
 

@@ -64,3 +64,45 @@ def test_bench_dht_quick_json() -> None:
         assert row["total_s_median"] > 0
         assert row["rpcs_median"] > 0
     assert result["wall_s"] > 0
+
+
+@pytest.mark.system
+def test_bench_circuit_quick_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_circuit", "--quick", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout)
+    loopback, delayed = result["build"]
+    for row in (loopback, delayed):
+        assert row["builds"] == 10
+        assert row["failed"] == 0
+        assert 0 < row["build_s_median"] <= row["build_s_p95"]
+        assert row["path_rtt_links_s"] > 0
+        assert row["path_rtt_probe_s"] > 0
+        assert isinstance(row["meets_target"], bool)
+    # The delay hook works: 10 ms each way on three links is at least 60 ms of round trip.
+    assert delayed["delay_s"] == 0.010
+    assert delayed["path_rtt_links_s"] >= 0.060
+    assert delayed["build_s_median"] >= 0.060
+    forward = result["forward"]
+    for key in ("link_forward", "relay_forward"):
+        assert forward[key]["middle_per_s"] > 0
+        assert forward[key]["middle_cpu_us"] > 0
+        assert forward[key]["sink_per_s"] > 0
+    assert forward["ratio"] > 0
+    assert forward["bench_link"]["rx_per_s"] > 0
+    assert forward["breakdown"]["manager_us"] > forward["breakdown"]["onion_us"] > 0
+    memory = result["memory"]
+    assert memory["circuits"] == 1000
+    assert memory["built"]["opened"] == 1000
+    assert memory["traffic"]["replies"] > 0
+    entry = memory["relays"]["entry"]
+    assert 0 < entry["traced_built"] < 100_000
+    assert entry["replay_entries"] == 1000
+    assert isinstance(memory["meets_target"], bool)

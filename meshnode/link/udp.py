@@ -14,6 +14,12 @@ a burst: one endpoint call and one pump for many frames); when the kernel buffer
 full, datagrams wait in a bounded queue flushed by ``add_writer``, and beyond it they are
 dropped and counted (UDP semantics, never unbounded memory).
 
+Impairment for tests and benchmarks (off by default): ``delay_s`` holds every outgoing
+datagram for that many seconds before it goes to the socket (``loop.call_at``, in order,
+behind one timer), so a loopback testnet gets a one-way delay per link where no netem is
+available (benchmarks/bench_circuit.py). Off, the send path is the same call as without
+it (the pump calls :meth:`LinkService._transmit` through an attribute chosen once).
+
 IPv4 and IPv6 share one socket when listening on ``::``
 (dual stack); addresses are normalised to ``(host, port)`` with IPv4-mapped IPv6 turned
 back into plain IPv4.
@@ -65,8 +71,15 @@ class LinkService:
     """Owns the socket and timer of one :class:`LinkEndpoint`. Create with :meth:`open`."""
 
     def __init__(
-        self, endpoint: LinkEndpoint, loop: asyncio.AbstractEventLoop, sock: socket.socket
+        self,
+        endpoint: LinkEndpoint,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        *,
+        delay_s: float = 0.0,
     ) -> None:
+        if not isinstance(delay_s, int | float) or not 0 <= delay_s <= 60:
+            raise MeshError("delay_s must be a number of seconds from 0 to 60")
         self.endpoint = endpoint
         self._loop = loop
         self._sock = sock
@@ -82,6 +95,14 @@ class LinkService:
         self._session_waiters: dict[bytes, list[asyncio.Future[SessionEstablished]]] = {}
         self._pong_waiters: dict[int, asyncio.Future[float]] = {}
         self._closed = False
+        self.delay_s = float(delay_s)
+        """Impairment (tests, benchmarks): seconds every outgoing datagram is held; 0 = off."""
+        self._delayed: deque[tuple[float, list[tuple[bytes, Addr]]]] = deque()
+        self._delay_timer: asyncio.TimerHandle | None = None
+        # The pump's way out: straight to the socket, or through the delay line.
+        self._send_out: Callable[[list[tuple[bytes, Addr]]], None] = (
+            self._transmit_later if self.delay_s > 0 else self._transmit
+        )
 
     # --- construction ---------------------------------------------------------------------
 
@@ -92,13 +113,24 @@ class LinkService:
         listen: Addr,
         *,
         config: LinkConfig | None = None,
+        delay_s: float = 0.0,
     ) -> LinkService:
-        """Bind ``listen`` (``("::", port)`` for dual stack) and start serving."""
+        """Bind ``listen`` (``("::", port)`` for dual stack) and start serving.
+
+        ``delay_s``: tests and benchmarks only, an impairment that holds every outgoing
+        datagram this many seconds (a one-way delay on every link of this node); 0, the
+        default, sends at once.
+        """
         loop = asyncio.get_running_loop()
         endpoint = LinkEndpoint(
             identity=identity, now=loop.time(), wallclock_ns=time.time_ns, config=config
         )
-        service = cls(endpoint, loop, _bind(listen))
+        sock = _bind(listen)
+        try:
+            service = cls(endpoint, loop, sock, delay_s=delay_s)
+        except MeshError:
+            sock.close()
+            raise
         loop.add_reader(service._sock.fileno(), service._on_readable)
         return service
 
@@ -167,6 +199,25 @@ class LinkService:
             except OSError as exc:
                 self.endpoint.stats["error.socket_send"] += 1
                 log.debug("link.send_failed", error=str(exc))
+
+    def _transmit_later(self, datagrams: list[tuple[bytes, Addr]]) -> None:
+        """The delay line (``delay_s`` > 0): hold a pump's datagrams, then transmit them
+        in order. One timer for the line: the delay is constant, so due times only grow."""
+        due = self._loop.time() + self.delay_s
+        self._delayed.append((due, datagrams))
+        if self._delay_timer is None:
+            self._delay_timer = self._loop.call_at(due, self._release_delayed)
+
+    def _release_delayed(self) -> None:
+        self._delay_timer = None
+        if self._closed:
+            return
+        delayed = self._delayed
+        now = self._loop.time()
+        while delayed and delayed[0][0] <= now:
+            self._transmit(delayed.popleft()[1])
+        if delayed:
+            self._delay_timer = self._loop.call_at(delayed[0][0], self._release_delayed)
 
     def _enqueue(self, datagram: bytes, dest: tuple[str, int]) -> None:
         if len(self._send_queue) >= SEND_QUEUE_MAX:
@@ -280,6 +331,10 @@ class LinkService:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._delay_timer is not None:
+            self._delay_timer.cancel()
+            self._delay_timer = None
+        self._delayed.clear()
         if not self._closed:
             fd = self._sock.fileno()
             self._loop.remove_reader(fd)
@@ -304,7 +359,7 @@ class LinkService:
         endpoint = self.endpoint
         datagrams = endpoint.datagrams_to_send()
         if datagrams and not self._closed:
-            self._transmit(datagrams)
+            self._send_out(datagrams)
         events = endpoint.take_events()
         if events:
             handlers = self._handlers

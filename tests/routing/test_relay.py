@@ -644,6 +644,68 @@ def test_exit_service_closes_a_circuit() -> None:
     assert len(net.nodes[1].events) == 1  # the exit asked; no event back
 
 
+def test_close_all_destroys_every_circuit_toward_both_sides() -> None:
+    """A relay shutting down tells every neighbour at once: middle, exit and pending
+    circuits alike, with reason SHUTDOWN; circuits that do not pass through it stay."""
+    net = Net(4)
+    through = net.open_circuit([0, 1, 2])  # relay 1 in the middle
+    ending = net.open_circuit([2, 1])  # relay 1 the exit
+    net.send(ending, ending.send_data(b"to the exit"))
+    net.hold.add(net.key(3))
+    pending = net.open_circuit([1, 3])  # relay 1 waiting for relay 3's BUILD_REPLY
+    elsewhere = net.open_circuit([0, 2])
+    net.pump()
+    relay = net.relay(1)
+    (data,) = net.nodes[1].events
+    assert isinstance(data, CircuitData)
+    assert relay.circuit_count == 3
+    assert relay.stats["relay.pending"] == 1
+
+    relay.close_all()
+    outs = [o for o in relay.cells_to_send() if isinstance(o, SendCell)]
+    assert len(outs) == 5
+    assert all(o.cell.type is CellType.DESTROY for o in outs)
+    assert all(o.cell.body[0] == DestroyReason.SHUTDOWN for o in outs)
+    # Both sides of the middle circuit, the exit's predecessor, both sides of the pending one.
+    assert sorted(o.peer for o in outs) == sorted(
+        [net.key(0), net.key(2), net.key(2), CLIENT, net.key(3)]
+    )
+    assert relay.circuit_count == 0
+    assert relay.stats["relay.pending"] == 0
+    assert relay.stats["relay.shutdown"] == 3
+    assert relay.get_timer() is None
+    assert relay.next_event() == CircuitClosed(data.handle, DestroyReason.SHUTDOWN)
+    assert relay.next_event() is None
+
+    # Deliver them: the clients hear at once, the neighbours release their halves.
+    for out in outs:
+        net.queue.append((net.key(1), out.peer, out.cell))
+    net.pump()
+    for circuit in (through, ending, pending):
+        assert state(circuit) is CircuitState.CLOSED
+        assert net.events_of(circuit)[-1] == CircuitDestroyed(DestroyReason.SHUTDOWN)
+    assert state(elsewhere) is CircuitState.OPEN
+    assert [net.relay(i).circuit_count for i in range(4)] == [1, 0, 1, 0]
+    # The held next hop gets its BUILD, then the DESTROY that releases it; its late
+    # reply finds nothing at relay 1.
+    assert [c.type for _, _, c in net.held] == [CellType.BUILD, CellType.DESTROY]
+    net.hold.clear()
+    net.queue.extend(net.held)
+    net.pump()
+    assert net.total_circuits() == 2
+    assert drops(relay) == {"relay.drop.unknown_circuit": 1}
+    assert all(not drops(net.relay(i)) for i in (0, 2, 3))
+    net.send(elsewhere, elsewhere.probe(2, net.now))
+    net.pump()
+    assert isinstance(net.events_of(elsewhere)[-1], ProbeReplied)
+
+    # Nothing left: a second call sends nothing; a bad reason is our bug.
+    relay.close_all()
+    assert relay.cells_to_send() == []
+    with pytest.raises(LocalProtocolError):
+        relay.close_all(256)
+
+
 def test_limits_are_validated() -> None:
     with pytest.raises(LocalProtocolError):
         RelayLimits(max_circuits=0)

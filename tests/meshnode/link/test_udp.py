@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from meshnode.errors import MeshError
 from meshnode.identity import Identity
 from meshnode.link import constants as C
 from meshnode.link import udp
@@ -143,6 +144,54 @@ async def test_a_raising_handler_is_counted_and_later_frames_still_arrive() -> N
             await asyncio.sleep(0.005)
         assert got == [b"one", b"two"]
         assert b.endpoint.stats["error.handler"] == 1
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_delay_impairment_is_off_by_default() -> None:
+    a = await LinkService.open(Identity.generate(), (HOST, 0))
+    try:
+        assert a.delay_s == 0.0
+        assert a._send_out == a._transmit  # the pump goes straight to the socket
+    finally:
+        a.close()
+    with pytest.raises(MeshError, match="delay_s"):
+        await LinkService.open(Identity.generate(), (HOST, 0), delay_s=-1.0)
+
+
+async def test_delay_impairment_holds_every_datagram_in_order() -> None:
+    """``delay_s`` (tests and benchmarks only): each side's outgoing datagrams wait that
+    long, so a ping's round trip takes at least twice the delay and frames keep order."""
+    delay = 0.05
+    loop = asyncio.get_running_loop()
+    a = await LinkService.open(Identity.generate(), (HOST, 0), delay_s=delay)
+    b = await LinkService.open(Identity.generate(), (HOST, 0), delay_s=delay)
+    got: list[tuple[float, bytes]] = []
+    a.register(KIND, lambda event: None)
+    b.register(KIND, lambda event: got.append((loop.time(), event.payload)))
+    try:
+        key = b.endpoint.identity.link_public
+        started = loop.time()
+        await a.connect(key, b.local_addr, timeout=5.0)
+        assert loop.time() - started >= 2 * delay  # initiation out, response back
+        rtt = await a.ping(key, timeout=5.0)
+        assert 2 * delay <= rtt < 2 * delay + 1.0
+        sent_at = loop.time()
+        a.send_many(key, KIND, [bytes([i]) for i in range(20)])
+        a.send(key, KIND, b"last")
+        assert not got  # nothing left before the delay
+        end = loop.time() + 5.0
+        while len(got) < 21 and loop.time() < end:
+            await asyncio.sleep(0.005)
+        assert [p for _, p in got] == [*(bytes([i]) for i in range(20)), b"last"]
+        assert min(t for t, _ in got) - sent_at >= delay
+        # Closing with datagrams still held sends nothing more and raises nothing.
+        a.send(key, KIND, b"never")
+        a.close()
+        await asyncio.sleep(2 * delay)
+        assert got[-1][1] == b"last"
+        assert not a._delayed
     finally:
         a.close()
         b.close()
