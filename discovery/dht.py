@@ -95,7 +95,7 @@ RpcResult = tuple[bool, Any]
 
 @dataclass(frozen=True, slots=True)
 class DhtConfig:
-    """DHT tunables: k 20 and alpha 3 as in kademlia (measured: benchmarks/README.md), our bounds."""
+    """DHT tunables: k 20, alpha 3 as in kademlia (measured: benchmarks/README.md), our bounds."""
 
     ksize: int = 20
     alpha: int = 3
