@@ -50,6 +50,8 @@ __all__ = [
     "Reason",
     "decode_message",
     "encode_message",
+    "pack_header",
+    "unpack_header",
 ]
 
 CELL_BYTES = MAX_PAYLOAD_BYTES  # 1422: every cell, so the UDP datagram is always 1,452
@@ -140,6 +142,16 @@ class Cell:
         if circ_id == 0:
             raise CellError("zero_circ_id")
         return cls(circ_id, cell_type, seq, bytes(frame[HEADER_BYTES:]))
+
+
+pack_header = _HEADER.pack
+"""``pack_header(circ_id, type, seq)``: a cell's HEADER_BYTES, for callers that build
+the CELL_BYTES themselves (``header || body``, the body BODY_BYTES) without a
+:class:`Cell`; they check the ranges :class:`Cell` would (struct refuses values that
+do not fit their fields)."""
+unpack_header = _HEADER.unpack_from
+"""``unpack_header(frame)``: ``(circ_id, type_byte, seq)`` of a frame's first
+HEADER_BYTES, unchecked: :meth:`Cell.decode` is the checked form."""
 
 
 def encode_message(cmd: Command, data: bytes, capacity: int) -> bytes:

@@ -37,7 +37,11 @@ Rules that are ours: a node's own client circuits pick circ ids unused on the li
 either way (and the relay avoids ours, through ``local_circ_ids``); every background
 task lives in one set and is cancelled by :meth:`CircuitManager.close`; every input is
 processed through one queue, so a link event raised while we are sending (the link
-pumps on every send) waits for the current step instead of re-entering it.
+pumps on every send) waits for the current step instead of re-entering it. A FORWARD,
+or a BACKWARD on no circuit of ours, arriving outside a step is one step of its own
+without a :class:`~routing.cells.Cell`: the header is parsed once and the relay's
+``forward_frame`` / ``backward_frame`` return the bytes to send on; the timer is
+re-armed only if the cell did anything but go on (idle expiry is the relay's sweep).
 
 Counters (:attr:`CircuitManager.stats`): ``routing.drop.<reason>`` for every cell or
 frame dropped here, ``routing.build.*``, ``routing.probe.*``, ``routing.circuits.*``,
@@ -69,7 +73,16 @@ from meshnode.identity import NodeId, b32encode
 from meshnode.link.events import Addr, FrameReceived, LinkEvent, PeerUnreachable
 from meshnode.link.udp import LinkService, LinkUnreachableError
 from routing.build import BuildStatus, HopSpec
-from routing.cells import KIND_CELL, MAX_CIRC_ID, Cell, CellError, CellType
+from routing.cells import (
+    CELL_BYTES,
+    HEADER_BYTES,
+    KIND_CELL,
+    MAX_CIRC_ID,
+    Cell,
+    CellError,
+    CellType,
+    unpack_header,
+)
 from routing.circuit import (
     CircuitDestroyed,
     CircuitEvent,
@@ -397,6 +410,8 @@ class CircuitManager:
                 local_circ_ids=self._own_circ_id,
             )
         self._stats: Counter[str] = Counter()
+        self._rx_cells = 0  # routing.rx.cells and routing.tx.cells: plain ints per cell
+        self._tx_cells = 0
         self._own: dict[tuple[bytes, int], _Managed] = {}
         self._circuits: dict[int, _Managed] = {}
         self._ended: deque[_Managed] = deque(maxlen=_MAX_ENDED)
@@ -469,6 +484,8 @@ class CircuitManager:
     def stats(self) -> Counter[str]:
         """Every routing counter: ours, the relay's and the circuits' (a new Counter)."""
         merged = Counter(self._stats)
+        merged["routing.rx.cells"] += self._rx_cells
+        merged["routing.tx.cells"] += self._tx_cells
         merged["routing.circuits.open"] = sum(
             1 for m in self._circuits.values() if m.state == "open"
         )
@@ -917,22 +934,79 @@ class CircuitManager:
             return
         self._busy = True
         try:
-            while self._queue:
-                call, call_args = self._queue.popleft()
-                try:
-                    call(*call_args)
-                    self._flush()
-                except Exception:  # a bug must not stop the link's dispatch loop
-                    self._stats["routing.error.handler"] += 1
-                    log.exception("routing.handler_failed", call=getattr(call, "__name__", "?"))
+            self._run_queue()
         finally:
             self._busy = False
         self._reschedule()
 
+    def _run_queue(self) -> None:
+        while self._queue:
+            call, call_args = self._queue.popleft()
+            try:
+                call(*call_args)
+                self._flush()
+            except Exception:  # a bug must not stop the link's dispatch loop
+                self._stats["routing.error.handler"] += 1
+                log.exception("routing.handler_failed", call=getattr(call, "__name__", "?"))
+
     def _on_frame(self, event: FrameReceived) -> None:
+        """A cell frame. A well-formed FORWARD, or BACKWARD on no circuit of ours, takes
+        the relay's fast path (no :class:`Cell` objects; :meth:`_receive` is the general
+        one), and re-arms no timer when relayed on: that moves no deadline (idle expiry
+        is a sweep); whatever else may have happened goes through :meth:`_reschedule`."""
         if self._closed:
             return
-        self._submit(self._receive, event.peer, event.addr, event.payload)
+        payload = event.payload
+        relay = self.relay
+        if relay is None or self._busy or len(payload) != CELL_BYTES:
+            self._submit(self._receive, event.peer, event.addr, payload)
+            return
+        circ_id, kind, seq = unpack_header(payload)
+        peer = event.peer
+        if not circ_id or not (
+            kind == _FORWARD or (kind == _BACKWARD and (peer, circ_id) not in self._own)
+        ):
+            self._submit(self._receive, peer, event.addr, payload)
+            return
+        self._busy = True
+        settled = False
+        try:
+            self._rx_cells += 1
+            addresses = self._addresses
+            addr = event.addr
+            if addresses.get(peer) == addr:
+                addresses.move_to_end(peer)
+            else:
+                self._remember(peer, addr)
+            if kind == _FORWARD:
+                view = memoryview(payload)[HEADER_BYTES:]
+                out = relay.forward_frame(peer, circ_id, seq, view, self._clock())
+            else:
+                out = relay.backward_frame(
+                    peer, circ_id, seq, payload[HEADER_BYTES:], self._clock()
+                )
+            if out is None:
+                self._flush()  # a drop, or a delivery here (probe reply, exit data)
+            else:
+                next_peer, cell_bytes = out
+                try:
+                    self.link.send(next_peer, KIND_CELL, cell_bytes)
+                except LocalProtocolError:
+                    self._resend(next_peer, cell_bytes)
+                else:
+                    self._tx_cells += 1
+                settled = not self._queue
+        except Exception:  # a bug must not stop the link's dispatch loop
+            self._stats["routing.error.handler"] += 1
+            log.exception("routing.handler_failed", call="_on_frame")
+        if settled:
+            self._busy = False
+            return
+        try:
+            self._run_queue()
+        finally:
+            self._busy = False
+        self._reschedule()
 
     def _on_link_event(self, event: LinkEvent) -> None:
         if isinstance(event, PeerUnreachable) and not self._closed:
@@ -944,7 +1018,7 @@ class CircuitManager:
         except CellError as exc:
             self._stats["routing.drop." + exc.reason] += 1
             return
-        self._stats["routing.rx.cells"] += 1
+        self._rx_cells += 1
         self._remember(peer, addr)
         now = self._clock()
         managed = None
@@ -1114,22 +1188,32 @@ class CircuitManager:
     def _send(self, peer: bytes, cell: Cell) -> bool:
         """Send ``cell`` to ``peer`` over the link; reconnect from a remembered address if
         the link forgot the peer; a peer we cannot reach is reported unreachable."""
-        link = self.link
-        payload = cell.encode()
+        return self._send_payload(peer, cell.encode())
+
+    def _send_payload(self, peer: bytes, payload: bytes) -> bool:
+        """:meth:`_send` of a cell's CELL_BYTES."""
         try:
+            self.link.send(peer, KIND_CELL, payload)
+        except LocalProtocolError:
+            return self._resend(peer, payload)
+        self._tx_cells += 1
+        return True
+
+    def _resend(self, peer: bytes, payload: bytes) -> bool:
+        """The link refused to send to ``peer``: reconnect from its remembered address
+        and send again, or report it unreachable (False)."""
+        link = self.link
+        addr = self._addresses.get(peer)
+        try:
+            if addr is None:
+                raise LocalProtocolError("no remembered address")
+            link.endpoint.connect(peer, addr, asyncio.get_running_loop().time())
             link.send(peer, KIND_CELL, payload)
         except LocalProtocolError:
-            addr = self._addresses.get(peer)
-            try:
-                if addr is None:
-                    raise
-                link.endpoint.connect(peer, addr, asyncio.get_running_loop().time())
-                link.send(peer, KIND_CELL, payload)
-            except LocalProtocolError:
-                self._stats["routing.drop.no_link"] += 1
-                self._queue.append((self._peer_lost, (peer, "no link to the peer")))
-                return False
-        self._stats["routing.tx.cells"] += 1
+            self._stats["routing.drop.no_link"] += 1
+            self._queue.append((self._peer_lost, (peer, "no link to the peer")))
+            return False
+        self._tx_cells += 1
         return True
 
     def _extend(self, out: Extend) -> None:
@@ -1146,7 +1230,7 @@ class CircuitManager:
                 self.relay.peer_unreachable(nxt.link_key, self._clock())
             return
         self._remember(nxt.link_key, nxt.address)
-        self._stats["routing.tx.cells"] += 1
+        self._tx_cells += 1
         self._stats["routing.extend"] += 1
 
     def _remember(self, peer: bytes, addr: Addr) -> None:
@@ -1191,6 +1275,10 @@ class CircuitManager:
             if deadline is not None and deadline <= now:
                 managed.circuit.handle_timer(now)
                 self._drain(managed)
+
+
+_FORWARD = int(CellType.FORWARD)
+_BACKWARD = int(CellType.BACKWARD)
 
 
 def _nothing() -> None:

@@ -78,6 +78,7 @@ from routing.cells import (
     Command,
     decode_message,
     encode_message,
+    pack_header,
 )
 from routing.keys import HopKeys
 from routing.onion import (
@@ -459,34 +460,81 @@ class Relay:
         reply = Cell(circuit.prev_id, CellType.BUILD_REPLY, _CONTROL_SEQ, body)
         self._out.append(SendCell(circuit.prev_peer, reply))
 
-    def _on_forward(self, peer: bytes, cell: Cell, now: float) -> None:
+    def forward_frame(
+        self, peer: bytes, circ_id: int, seq: int, body: bytes | memoryview, now: float
+    ) -> tuple[bytes, bytes] | None:
+        """:meth:`receive` of a FORWARD cell, its header already parsed (the fast path
+        builds no :class:`Cell`): ``(next_peer, payload)`` when the cell goes on (send
+        ``payload``, the next cell's CELL_BYTES, to ``next_peer`` in a KIND_CELL frame);
+        None when it went nowhere now (dropped and counted, or delivered here: see
+        :meth:`cells_to_send` and :meth:`next_event`)."""
         link = self._links.get(peer)
-        circuit = None if link is None else link.inbound.get(cell.circ_id)
+        circuit = None if link is None else link.inbound.get(circ_id)
         if circuit is None:
             self._drop("unknown_circuit")
-            return
+            return None
         if circuit.pending is not None:
             self._drop("not_open")
-            return
+            return None
         if not circuit.bucket.take(now):
             self._drop("rate_limited")
-            return
+            return None
         try:
-            result = circuit.forward.process(cell.seq, cell.body)
+            result = circuit.forward.open_layer(seq, body)  # window checked and updated
         except OnionError as exc:
             self._drop(exc.reason)
-            return
+            return None
         circuit.last_active = now
-        if result[0] == "forward":
-            _, seq, body = result
-            if circuit.next_peer is None:
-                self._drop("no_next_hop")
-                return
-            out = Cell(circuit.next_id, CellType.FORWARD, seq, body)
-            self._out.append(SendCell(circuit.next_peer, out))
-            return
+        if isinstance(result, bytes):
+            self._deliver(circuit, result)
+            return None
+        next_peer = circuit.next_peer
+        if next_peer is None:
+            self._drop("no_next_hop")
+            return None
+        next_seq, pt, filler = result
+        header = pack_header(circuit.next_id, CellType.FORWARD, next_seq)
+        return next_peer, b"".join((header, pt, filler))
+
+    def backward_frame(
+        self, peer: bytes, circ_id: int, seq: int, body: bytes, now: float
+    ) -> tuple[bytes, bytes] | None:
+        """:meth:`forward_frame` for a BACKWARD cell: ``(prev_peer, payload)`` or None."""
+        link = self._links.get(peer)
+        circuit = None if link is None else link.outbound.get(circ_id)
+        if circuit is None:
+            self._drop("unknown_circuit")
+            return None
+        backward = circuit.backward
+        if circuit.pending is not None or backward is None:
+            self._drop("not_open")
+            return None
+        if not circuit.bucket.take(now):
+            self._drop("rate_limited")
+            return None
         try:
-            command, data = decode_message(result[1])
+            out_seq, out_body = backward.relay(seq, body)
+        except OnionError as exc:
+            self._drop(exc.reason)
+            return None
+        circuit.last_active = now
+        return circuit.prev_peer, pack_header(
+            circuit.prev_id, CellType.BACKWARD, out_seq
+        ) + out_body
+
+    def _on_forward(self, peer: bytes, cell: Cell, now: float) -> None:
+        out = self.forward_frame(peer, cell.circ_id, cell.seq, cell.body, now)
+        if out is not None:
+            self._out.append(SendCell(out[0], Cell.decode(out[1])))
+
+    def _on_backward(self, peer: bytes, cell: Cell, now: float) -> None:
+        out = self.backward_frame(peer, cell.circ_id, cell.seq, cell.body, now)
+        if out is not None:
+            self._out.append(SendCell(out[0], Cell.decode(out[1])))
+
+    def _deliver(self, circuit: _Circuit, message: bytes) -> None:
+        try:
+            command, data = decode_message(message)
         except CellError as exc:
             self._drop(exc.reason)
             return
@@ -502,28 +550,6 @@ class Relay:
             self._stats["relay.rx.padding"] += 1
         else:
             self._drop("unexpected_command")
-
-    def _on_backward(self, peer: bytes, cell: Cell, now: float) -> None:
-        link = self._links.get(peer)
-        circuit = None if link is None else link.outbound.get(cell.circ_id)
-        if circuit is None:
-            self._drop("unknown_circuit")
-            return
-        backward = circuit.backward
-        if circuit.pending is not None or backward is None:
-            self._drop("not_open")
-            return
-        if not circuit.bucket.take(now):
-            self._drop("rate_limited")
-            return
-        try:
-            seq, body = backward.relay(cell.seq, cell.body)
-        except OnionError as exc:
-            self._drop(exc.reason)
-            return
-        circuit.last_active = now
-        out = Cell(circuit.prev_id, CellType.BACKWARD, seq, body)
-        self._out.append(SendCell(circuit.prev_peer, out))
 
     def _on_destroy(self, peer: bytes, cell: Cell) -> None:
         circ_id = cell.circ_id
@@ -708,5 +734,6 @@ class Relay:
                 if not nxt.inbound and not nxt.outbound:
                     del links[circuit.next_peer]
         self._pending.pop(circuit, None)
+        circuit.forward.discard()
         if circuit.handle:
             self._exits.pop(circuit.handle, None)
