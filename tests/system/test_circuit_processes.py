@@ -19,9 +19,7 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,10 @@ from meshnode.config import ControlConfig, NodeConfig, Role
 from meshnode.identity import Identity, b32encode
 from meshnode.node import Node
 from routing.onionkeys import KEYRING_FORMAT, OnionKeyring
+from tests.support.procs import MESHNODE, api, cli, wait_for
 
 pytestmark = pytest.mark.system
 
-MESHNODE = [sys.executable, "-m", "meshnode"]
 RELAYS = (0, 1, 2, 3)
 EXITS = (4, 5)
 CLIENT = 6
@@ -73,36 +71,6 @@ class Proc:
     @property
     def role(self) -> str:
         return "exit" if self.index in EXITS else "client" if self.index == CLIENT else "relay"
-
-
-def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*MESHNODE, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def api(node: Proc, path: str) -> Any:
-    endpoint = json.loads((node.home / "control.json").read_text())
-    token = (node.home / "control.token").read_text().strip()
-    req = urllib.request.Request(
-        endpoint["url"] + path, headers={"Authorization": f"Bearer {token}"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def wait_for(what: str, check: Any, timeout: float = CONVERGE_S) -> None:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last is True:
-                return
-        except OSError as exc:  # control API not up yet
-            last = exc
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}: {last!r}")
 
 
 @pytest.fixture
@@ -173,7 +141,9 @@ def test_client_builds_through_dht_relays_and_survives_a_dead_middle(mesh) -> No
         seen = {p["node_id"] for p in json.loads(res.stdout)}
         return True if seen >= set(relays) else f"{len(seen & set(relays))}/{len(relays)} known"
 
-    wait_for("the client to list every relay and exit", client_knows_every_relay)
+    wait_for(
+        "the client to list every relay and exit", client_knows_every_relay, timeout=CONVERGE_S
+    )
 
     first = build(client, "--hops", "3")
     hops = first["hops"]

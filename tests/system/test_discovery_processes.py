@@ -14,9 +14,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,10 @@ from meshnode import crypto
 from meshnode.contact import Contact
 from meshnode.identity import Identity, b32encode
 from meshnode.link.udp import LinkService
+from tests.support.procs import MESHNODE, api, cli, wait_for
 
 pytestmark = pytest.mark.system
 
-MESHNODE = [sys.executable, "-m", "meshnode"]
 COUNT = 20
 # index -> (region, country) of the exits; every other node but the clients relays.
 EXITS = {1: ("EU", "DE"), 4: ("EU", "FR"), 7: ("NA", "US"), 10: ("EU", "DE"), 13: ("NA", "CA")}
@@ -60,38 +58,8 @@ class Proc:
         return self.ready["node_id"]
 
 
-def cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*MESHNODE, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
 def role_of(i: int) -> str:
     return "exit" if i in EXITS else "client" if i in CLIENTS else "relay"
-
-
-def api(node: Proc, path: str) -> Any:
-    endpoint = json.loads((node.home / "control.json").read_text())
-    token = (node.home / "control.token").read_text().strip()
-    req = urllib.request.Request(
-        endpoint["url"] + path, headers={"Authorization": f"Bearer {token}"}
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def wait_for(what: str, check: Any, timeout: float = CONVERGE_S) -> None:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last is True:
-                return
-        except OSError as exc:  # control API not up yet
-            last = exc
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}: {last!r}")
 
 
 @pytest.fixture
@@ -233,7 +201,9 @@ def test_twenty_nodes_discover_exits_refuse_forgeries_and_rejoin(mesh) -> None:
                 return f"node {node.index} sees {len(seen & set(exits))}/{len(exits)} exits"
         return True
 
-    wait_for("every node to list every exit", everyone_sees_every_exit)
+    wait_for(
+        "every node to list every exit", everyone_sees_every_exit, timeout=CONVERGE_S, interval=0.5
+    )
 
     # Region and country filters, through the control API and through the CLI.
     for node in nodes:
@@ -289,7 +259,7 @@ def test_twenty_nodes_discover_exits_refuse_forgeries_and_rejoin(mesh) -> None:
             return "not republished yet"
         return True
 
-    wait_for("the restarted node to rejoin", rejoined, timeout=60)
+    wait_for("the restarted node to rejoin", rejoined, timeout=60, interval=0.5)
     logs = [json.loads(line) for line in restarted.log.read_text().splitlines() if line[:1] == "{"]
     assert any(line["event"] == "dht.rejoined" for line in logs)
     # Its new descriptor reaches the others.
@@ -303,4 +273,5 @@ def test_twenty_nodes_discover_exits_refuse_forgeries_and_rejoin(mesh) -> None:
             for n in nodes[:3]
         ),
         timeout=60,
+        interval=0.5,
     )
